@@ -1,0 +1,24 @@
+"""qlora_ref: the readable NumPy oracle for QLoRA.
+
+NF4/FP4 codebooks, blockwise 4-bit quantization and packing, double quantization, the file
+formats real checkpoints use, LoRA and QLoRA math with gradients, and memory accounting.
+It never imports torch; the fast path ``qlora_gpu`` is checked against it.
+"""
+
+from qlora_ref.codebooks import (
+    FP4_CODEBOOK,
+    INT4_CODEBOOK,
+    NF4_CODEBOOK,
+    codebook,
+    fp4_codebook,
+    int4_codebook,
+    nf4_codebook,
+    normal_float_codebook,
+    normal_float_offset,
+)
+
+from qlora_ref.double_quant import dequantize_absmax, double_quantize, dynamic_map
+from qlora_ref.quantize import dequantize_4bit, pack_4bit, quantize_4bit, unpack_4bit
+from qlora_ref.state import NestedAbsmax, QuantState
+
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""``QuantState``: everything a blockwise 4-bit tensor stores besides its packed codes.
+
+Pairs with ``qlora_ref.quantize`` (which makes states) and ``qlora_ref.bnb_format`` (which writes
+and reads them as bitsandbytes state-dict entries). Fast pair: ``qlora_gpu.QuantState``.
+
+Note: storage accounting
+    ``nbytes`` counts every array a checkpoint stores for the tensor: the packed codes, the
+    absmax constants (float32, or uint8 codes plus the nested float32 absmax when double
+    quantized), the double-quantization offset, and the two code maps (16 and 256 float32
+    values). The JSON metadata is not counted. For a large NF4 tensor with block 64 and double
+    quantization, ``bits_per_parameter`` tends to ``4 + 8/64 + 32/(64*256) = 4.127``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+__all__ = ["QuantState", "NestedAbsmax", "BLOCKSIZES", "INPUT_DTYPES", "QUANT_TYPES", "dtype_name", "numpy_dtype"]
+
+#: Block sizes bitsandbytes accepts; others are refused.
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Input and output dtypes, by name.
+INPUT_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+#: 4-bit codebooks the oracle quantizes to ("int4" is the uniform one used for comparison).
+QUANT_TYPES = ("nf4", "fp4", "int4")
+
+
+def dtype_name(dtype) -> str:
+    """Return ``"float32"``, ``"float16"`` or ``"bfloat16"`` for a supported dtype or its name.
+
+    Raises
+    ------
+    TypeError
+        If the dtype is not one of the three.
+
+    Examples
+    --------
+    >>> dtype_name(np.float16), dtype_name("bfloat16")
+    ('float16', 'bfloat16')
+    """
+    if isinstance(dtype, str) and dtype in INPUT_DTYPES:
+        return dtype
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        d = None
+    for name, known in INPUT_DTYPES.items():
+        if d == known:
+            return name
+    raise TypeError(f"unsupported dtype {dtype!r}; expected one of {sorted(INPUT_DTYPES)}")
+
+
+def numpy_dtype(name) -> np.dtype:
+    """Return the NumPy dtype for ``"float32"``, ``"float16"`` or ``"bfloat16"`` (ml_dtypes)."""
+    return INPUT_DTYPES[dtype_name(name)]
+
+
+@dataclass(frozen=True, eq=False)
+class NestedAbsmax:
+    """The double-quantized form of the absmax constants.
+
+    Attributes
+    ----------
+    scheme : {"bnb", "torchao"}
+        ``"bnb"``: ``absmax - offset`` quantized blockwise to 8 bits with the signed dynamic map.
+        ``"torchao"``: torchao's int8 linear scheme (see ``qlora_ref.torchao_scheme``).
+    codes : ndarray, shape (n_blocks,)
+        uint8 codes (bnb) or int8 codes (torchao), one per first-level block.
+    absmax : ndarray, shape (ceil(n_blocks / blocksize),)
+        bnb: float32 absmax of each nested block. torchao: the per-block factor, in the
+        input dtype.
+    code : ndarray or None
+        bnb: the 256-entry float32 map the codes index (``dynamic_map()``). torchao: None.
+    offset : numpy scalar
+        bnb: the float32 mean subtracted before quantizing. torchao: the mean, in the input dtype.
+    blocksize : int
+        Constants per nested block (256 in both schemes).
+    """
+
+    scheme: str
+    codes: np.ndarray
+    absmax: np.ndarray
+    code: np.ndarray | None
+    offset: np.generic
+    blocksize: int = 256
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored array of the nested level (codes, absmax, map, offset)."""
+        n = self.codes.nbytes + self.absmax.nbytes + np.asarray(self.offset).nbytes
+        return n + (self.code.nbytes if self.code is not None else 0)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantState:
+    """The constants and metadata of a blockwise 4-bit tensor.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Shape of the original tensor.
+    dtype : {"float32", "float16", "bfloat16"}
+        dtype of the original tensor; the default output dtype of ``dequantize_4bit``.
+    blocksize : int
+        Elements per block of the flattened tensor, one of ``BLOCKSIZES``.
+    quant_type : {"nf4", "fp4", "int4"}
+    code : ndarray, shape (16,)
+        The codebook the codes index (float32; the torchao scheme keeps its own rounded table in
+        the input dtype).
+    absmax : ndarray or None, shape (n_blocks,), float32
+        Per-block absmax; None when double quantized.
+    nested : NestedAbsmax or None
+        The double-quantized absmax; None without double quantization.
+    """
+
+    shape: tuple
+    dtype: str
+    blocksize: int
+    quant_type: str
+    code: np.ndarray
+    absmax: np.ndarray | None = None
+    nested: NestedAbsmax | None = None
+
+    def __post_init__(self):
+        if (self.absmax is None) == (self.nested is None):
+            raise ValueError("a QuantState holds exactly one of absmax and nested")
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the original tensor."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of first-level blocks, the last one possibly partial."""
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the absmax constants are double quantized."""
+        return self.nested is not None
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed codes: two codes per byte, an odd count padded."""
+        return (self.numel + 1) // 2
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything stored for the tensor (see Note: storage accounting)."""
+        constants = self.absmax.nbytes if self.absmax is not None else self.nested.nbytes
+        return self.packed_nbytes + constants + self.code.nbytes
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """``8 * nbytes / numel``: stored bits per element, constants included."""
+        return 8.0 * self.nbytes / self.numel

@@ -1,0 +1,90 @@
+"""Hypothesis strategies shared by all tests (one place, as STYLE.md asks).
+
+Covers element counts that are not a multiple of the block, all-zero blocks, values exactly on
+codebook midpoints times absmax, the largest and subnormal floats, irregular shapes; NaN and Inf
+are drawn by ``non_finite_arrays`` for the tests that check they are refused.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+from hypothesis import strategies as st
+
+from qlora_ref.codebooks import codebook
+from qlora_ref.state import BLOCKSIZES
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+blocksizes = st.sampled_from(BLOCKSIZES)
+small_blocksizes = st.sampled_from(BLOCKSIZES[:4])
+quant_types = st.sampled_from(["nf4", "fp4", "int4"])
+bnb_quant_types = st.sampled_from(["nf4", "fp4"])
+dtype_names = st.sampled_from(sorted(DTYPES))
+
+
+@st.composite
+def shapes(draw, max_elements: int = 3000):
+    """Irregular shapes of 1 to 3 dimensions: odd counts, partial blocks, single elements."""
+    ndim = draw(st.integers(1, 3))
+    dims = []
+    budget = max_elements
+    for _ in range(ndim):
+        d = draw(st.integers(1, max(1, min(budget, 257))))
+        dims.append(d)
+        budget = max(1, budget // d)
+    return tuple(dims)
+
+
+def _midpoint_values(quant_type: str) -> np.ndarray:
+    table = np.sort(codebook(quant_type))
+    return ((table[:-1] + table[1:]) / np.float32(2)).astype(np.float32)
+
+
+@st.composite
+def hard_arrays(draw, dtype_name: str | None = None, max_elements: int = 3000, blocksize: int | None = None):
+    """Arrays mixing normal data with the hard cases.
+
+    Per block, one of: standard normal at a random scale; all zeros; exact codebook midpoints
+    times a power-of-two absmax (so ``x / absmax`` lands exactly on a midpoint); subnormals;
+    values near the dtype's largest finite value; a single large outlier.
+    """
+    name = dtype_name or draw(dtype_names)
+    dtype = DTYPES[name]
+    shape = draw(shapes(max_elements))
+    n = int(np.prod(shape))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    bs = blocksize or draw(small_blocksizes)
+    finfo = ml_dtypes.finfo(dtype) if name == "bfloat16" else np.finfo(dtype)
+    out = np.empty(n, dtype=np.float32)
+    for start in range(0, n, bs):
+        m = min(bs, n - start)
+        kind = draw(st.sampled_from(["normal", "zeros", "midpoints", "subnormal", "huge", "outlier"]))
+        if kind == "normal":
+            block = rng.standard_normal(m) * np.float32(2.0 ** draw(st.integers(-20, 20)))
+        elif kind == "zeros":
+            block = np.zeros(m)
+        elif kind == "midpoints":
+            absmax = np.float32(2.0 ** draw(st.integers(-10, 10)))
+            mids = _midpoint_values(draw(st.sampled_from(["nf4", "fp4", "int4"])))
+            block = rng.choice(mids, m) * absmax
+            block[rng.integers(m)] = absmax  # pin the block's absmax exactly
+        elif kind == "subnormal":
+            block = rng.standard_normal(m) * float(finfo.smallest_subnormal) * 8
+        elif kind == "huge":
+            block = rng.uniform(-1, 1, m) * float(finfo.max)
+        else:
+            block = rng.standard_normal(m) * 0.01
+            block[rng.integers(m)] = 100.0
+        out[start : start + m] = block
+    return out.astype(dtype).reshape(shape)
+
+
+@st.composite
+def non_finite_arrays(draw):
+    """Arrays with at least one NaN, +Inf or -Inf somewhere."""
+    x = draw(hard_arrays(max_elements=500))
+    bad = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    flat = x.reshape(-1).copy()
+    flat[draw(st.integers(0, flat.size - 1))] = bad
+    return flat.reshape(x.shape)

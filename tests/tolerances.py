@@ -1,0 +1,90 @@
+"""The tolerance policy, in one place (see docs/tolerances.md).
+
+Tiers:
+
+- exact: codes, packed bytes, absmax, decoded values from equal codes: bit-for-bit equal.
+- classified: codes against another implementation: every difference falls in a named class
+  and is counted; no unclassified difference.
+- derived: matmuls, reductions, LoRA forward and backward: the error against a float64 reference
+  is at most twice the error of a plain baseline in the same dtype, plus a few ulp.
+- statistical: round-trip error of quantization below measured mean + 7 sigma.
+
+A failing assertion prints the largest difference, where it is, both values and the budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_numpy(a):
+    if hasattr(a, "detach"):  # a torch tensor; bfloat16 goes through float32 exactly
+        t = a.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            import ml_dtypes
+
+            return t.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(a)
+
+
+def assert_bit_equal(actual, expected, what: str = "values") -> None:
+    """Assert two arrays are bit-for-bit equal (same shape, dtype and bits; NaN bits included)."""
+    a, e = _as_numpy(actual), _as_numpy(expected)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
+    assert a.dtype == e.dtype, f"{what}: dtype {a.dtype} != expected {e.dtype}"
+    if a.ndim == 0:
+        a, e = a.reshape(1), e.reshape(1)
+    # Compare the bit patterns as unsigned integers of the element's width.
+    uint = np.dtype(f"u{a.dtype.itemsize}")
+    diff = a.view(uint) != e.view(uint)
+    n = int(diff.sum())
+    if n:
+        idx = np.unravel_index(int(np.flatnonzero(diff)[0]), a.shape)
+        raise AssertionError(
+            f"{what}: {n} of {a.size} elements differ bitwise; first at {tuple(int(i) for i in idx)}: "
+            f"{a[idx]!r} != expected {e[idx]!r} (budget: 0 differences)"
+        )
+
+
+def derived_budget(ref64, baseline, *, ulps: float = 4.0, dtype=None) -> float:
+    """Budget of the derived tier: 2x the baseline's max error against ``ref64`` plus a few ulp.
+
+    ``baseline`` is the same computation done plainly in the low precision (for example a plain
+    torch matmul in bfloat16); ``ulps`` units of that dtype's epsilon, scaled by the reference's
+    largest magnitude, cover the final rounding of the result.
+    """
+    r = np.asarray(_as_numpy(ref64), dtype=np.float64)
+    b = np.asarray(_as_numpy(baseline), dtype=np.float64)
+    eps = float(np.finfo(dtype).eps) if dtype is not None else float(np.finfo(np.float64).eps)
+    scale = float(np.max(np.abs(r))) if r.size else 0.0
+    if r.size == 0:
+        return 0.0
+    return 2.0 * float(np.max(np.abs(b - r))) + ulps * eps * scale
+
+
+def assert_within(actual, ref64, budget: float, what: str = "values") -> None:
+    """Assert ``max |actual - ref64| <= budget``, printing the worst element and the budget."""
+    a = np.asarray(_as_numpy(actual), dtype=np.float64)
+    r = np.asarray(_as_numpy(ref64), dtype=np.float64)
+    assert a.shape == r.shape, f"{what}: shape {a.shape} != reference {r.shape}"
+    if a.size == 0:
+        return
+    err = np.abs(a - r)
+    if not np.all(np.isfinite(a) == np.isfinite(r)):
+        bad = np.flatnonzero(np.isfinite(a) != np.isfinite(r))[0]
+        idx = np.unravel_index(int(bad), a.shape)
+        raise AssertionError(f"{what}: finiteness differs at {idx}: {a[idx]!r} vs reference {r[idx]!r}")
+    err = np.where(np.isfinite(err), err, 0.0)
+    worst = int(np.argmax(err))
+    idx = np.unravel_index(worst, a.shape)
+    if err.flat[worst] > budget:
+        raise AssertionError(
+            f"{what}: max |diff| {err.flat[worst]:.3e} at {tuple(int(i) for i in idx)} "
+            f"(actual {a[idx]!r}, reference {r[idx]!r}) exceeds the budget {budget:.3e}"
+        )
+
+
+def assert_derived(actual, ref64, baseline, *, ulps: float = 4.0, dtype=None, what: str = "values") -> None:
+    """The derived tier: error against ``ref64`` at most 2x ``baseline``'s error plus ``ulps``."""
+    assert_within(actual, ref64, derived_budget(ref64, baseline, ulps=ulps, dtype=dtype), what)
