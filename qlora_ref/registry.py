@@ -1,0 +1,96 @@
+"""One registry of implementations, shared by the tests, ``qlora-ref check`` and the benchmarks.
+
+Each provider is named once here and loaded lazily from ``"module:attribute"``, so the oracle
+never imports torch or a comparator itself. The names are the same everywhere:
+
+========== ========================================== =========================================
+name       what                                       where
+========== ========================================== =========================================
+oracle     this package, NumPy                        ``qlora_ref.registry:OracleProvider``
+torch      ``qlora_gpu``, plain torch backend          ``qlora_gpu.providers:TorchProvider``
+triton     ``qlora_gpu``, Triton kernels               ``qlora_gpu.providers:TritonProvider``
+bnb        bitsandbytes (comparator)                  ``qlora_gpu.comparators:BitsAndBytesProvider``
+torchao    torchao ``NF4Tensor`` (comparator)         ``qlora_gpu.comparators:TorchaoProvider``
+========== ========================================== =========================================
+
+Note: provider protocol
+    A provider is an object with
+
+    - ``name`` (str) and ``available() -> (bool, reason)``: reason names what is missing;
+    - ``quantize(x, *, blocksize, quant_type, double_quant) -> (packed, state)`` taking a NumPy
+      array (float32, float16 or ml_dtypes.bfloat16) and returning NumPy ``packed`` uint8 bytes
+      of shape ``((n + 1) // 2, 1)`` and a ``qlora_ref.QuantState`` (the common currency: plain
+      arrays and metadata);
+    - ``dequantize(packed, state, *, dtype) -> ndarray`` returning a NumPy array of
+      ``state.shape`` in ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``);
+    - ``supports(quant_type, double_quant) -> bool``.
+
+    Comparators are wrapped in ``qlora_gpu.comparators`` for tests, checks and benchmarks only;
+    no function of the oracle or of the fast path calls them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from qlora_ref.quantize import dequantize_4bit, quantize_4bit
+
+__all__ = ["PROVIDERS", "OracleProvider", "load_provider", "available_providers"]
+
+PROVIDERS = {
+    "oracle": "qlora_ref.registry:OracleProvider",
+    "torch": "qlora_gpu.providers:TorchProvider",
+    "triton": "qlora_gpu.providers:TritonProvider",
+    "bnb": "qlora_gpu.comparators:BitsAndBytesProvider",
+    "torchao": "qlora_gpu.comparators:TorchaoProvider",
+}
+
+
+class OracleProvider:
+    """The oracle itself, behind the provider protocol."""
+
+    name = "oracle"
+
+    def available(self):
+        return True, ""
+
+    def supports(self, quant_type, double_quant):
+        return True
+
+    def quantize(self, x, *, blocksize=64, quant_type="nf4", double_quant=False):
+        return quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
+
+    def dequantize(self, packed, state, *, dtype=None):
+        return dequantize_4bit(packed, state, dtype=dtype)
+
+
+def load_provider(name: str):
+    """Return an instance of the provider registered as ``name``.
+
+    Raises
+    ------
+    ValueError
+        If no provider has that name.
+    ImportError
+        If its module cannot be imported (torch or the comparator is not installed).
+
+    Examples
+    --------
+    >>> load_provider("oracle").name
+    'oracle'
+    """
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown provider {name!r}; registered: {sorted(PROVIDERS)}")
+    module_name, attr = PROVIDERS[name].split(":")
+    return getattr(importlib.import_module(module_name), attr)()
+
+
+def available_providers() -> dict:
+    """Return ``{name: (available, reason)}`` for every registered provider."""
+    result = {}
+    for name in PROVIDERS:
+        try:
+            result[name] = load_provider(name).available()
+        except ImportError as exc:
+            result[name] = (False, f"cannot import: {exc}")
+    return result
