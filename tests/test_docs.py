@@ -1,0 +1,59 @@
+"""The docs: every Python example runs, generated tables are current, the site builds strictly."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def _blocks(page: Path) -> list[str]:
+    return FENCE.findall(page.read_text())
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p)], ids=lambda p: p.name)
+def test_examples_run(page, monkeypatch, capsys):
+    """Each page's ```python blocks run in order in one namespace, from the repository root."""
+    monkeypatch.chdir(ROOT)
+    namespace = {"__name__": f"docs_{page.stem}"}
+    for i, source in enumerate(_blocks(page)):
+        try:
+            exec(compile(source, f"{page.name} block {i + 1}", "exec"), namespace)
+        except Exception as exc:  # pragma: no cover - the message is the point
+            raise AssertionError(f"{page.name}: example {i + 1} failed: {exc!r}\n{source}") from exc
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quantization_tables_are_generated():
+    """The committed tables equal what the script makes now (nothing typed by hand)."""
+    script = _load_script("quantization_pages")
+    for name, make in script.GENERATED.items():
+        committed = (ROOT / "docs" / "generated" / name).read_text()
+        assert committed == make(), f"docs/generated/{name} is stale: run docs/scripts/quantization_pages.py"
+
+
+@pytest.mark.skipif(shutil.which("mkdocs") is None and importlib.util.find_spec("mkdocs") is None,
+                    reason="mkdocs is not installed (pip install -e '.[docs]')")
+def test_site_builds_strict(tmp_path):
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT, capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
