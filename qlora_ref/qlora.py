@@ -211,8 +211,9 @@ def merge_into_4bit(packed, state: QuantState, A, B, scaling):
     Notes
     -----
     ``Q(W + s B A)`` with ``W`` the exactly decoded base (Note: merging into a 4-bit base).
-    With ``B = 0`` and no double quantization it returns the same bytes and absmax: a decoded
-    block re-encodes to itself.
+    With ``B = 0`` and no double quantization it returns the same absmax and weights: a decoded
+    block re-encodes to itself (the same bytes for NF4; FP4's code 8, a zero with the sign bit
+    set, comes back as code 0).
 
     Examples
     --------
