@@ -76,7 +76,7 @@ def hard_arrays(draw, dtype_name: str | None = None, max_elements: int = 3000, b
         else:
             block = rng.standard_normal(m) * 0.01
             block[rng.integers(m)] = 100.0
-        out[start : start + m] = block
+        out[start : start + m] = np.clip(block, -float(finfo.max), float(finfo.max))  # finite in dtype
     return out.astype(dtype).reshape(shape)
 
 
@@ -88,3 +88,43 @@ def non_finite_arrays(draw):
     flat = x.reshape(-1).copy()
     flat[draw(st.integers(0, flat.size - 1))] = bad
     return flat.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- LoRA layers
+
+LORA_INPUT_DTYPES = {"float64": np.float64, **DTYPES}
+
+
+@st.composite
+def lora_problems(draw, max_features: int = 8, max_rank: int = 3, max_batch_dims: int = 2):
+    """A LoRA layer, an input and an upstream gradient, as a dict of arrays.
+
+    Keys: ``x (..., in)``, ``W (out, in)``, ``A (r, in)``, ``B (out, r)``, ``m (out,)`` (a DoRA
+    magnitude), ``bias (out,)`` or None, ``mask (..., in)`` or None (entries 0 or 1/keep),
+    ``grad_y (..., out)``, ``scaling`` (float). Rank 1 is drawn often, up to ``min(in, out)``;
+    0 to ``max_batch_dims`` leading dimensions; every array in one drawn float dtype (float64,
+    float32, float16 or bfloat16) with values of order 1.
+    """
+    in_features = draw(st.integers(1, max_features))
+    out_features = draw(st.integers(1, max_features))
+    r = draw(st.one_of(st.just(1), st.integers(1, min(in_features, out_features, max_rank))))
+    lead = tuple(draw(st.lists(st.integers(1, 3), max_size=max_batch_dims)))
+    dtype = LORA_INPUT_DTYPES[draw(st.sampled_from(sorted(LORA_INPUT_DTYPES)))]
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    keep = draw(st.sampled_from([0.5, 0.75, 0.9]))
+    with_mask, with_bias = draw(st.booleans()), draw(st.booleans())
+    return {
+        "x": normal(*lead, in_features),
+        "W": normal(out_features, in_features),
+        "A": normal(r, in_features),
+        "B": normal(out_features, r),
+        "m": rng.uniform(0.5, 2.0, out_features).astype(dtype),
+        "bias": normal(out_features) if with_bias else None,
+        "mask": ((rng.random((*lead, in_features)) < keep) / keep).astype(dtype) if with_mask else None,
+        "grad_y": normal(*lead, out_features),
+        "scaling": draw(st.sampled_from([0.5, 1.0, 2.0, 16 / np.sqrt(8)])),
+    }
