@@ -56,7 +56,9 @@ def derived_budget(ref64, baseline, *, ulps: float = 4.0, dtype=None) -> float:
     """
     r = np.asarray(_as_numpy(ref64), dtype=np.float64)
     b = np.asarray(_as_numpy(baseline), dtype=np.float64)
-    eps = float(np.finfo(dtype).eps) if dtype is not None else float(np.finfo(np.float64).eps)
+    import ml_dtypes  # its finfo knows bfloat16 as well as NumPy's dtypes
+
+    eps = float(ml_dtypes.finfo(dtype if dtype is not None else np.float64).eps)
     scale = float(np.max(np.abs(r))) if r.size else 0.0
     if r.size == 0:
         return 0.0
