@@ -1,0 +1,43 @@
+"""Small helpers shared by the Triton kernel modules (private)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_context():
+    """Silence NumPy's floating-point warnings under the interpreter.
+
+    The kernels compute ``1 / 0 = inf`` and ``0 * inf = NaN`` on purpose for all-zero blocks
+    (and then select the zero code); on a GPU that is silent, in the interpreter NumPy warns.
+    """
+    return np.errstate(all="ignore") if interpreting() else contextlib.nullcontext()
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def cast_rne(y, dtype: tl.constexpr):
+    """Round float32 ``y`` to nearest even in ``dtype``.
+
+    For bfloat16 the rounding is done on the bits, because Triton's interpreter truncates a
+    float32 -> bfloat16 cast instead of rounding it (triton 3.9, ``cast_impl``); on a GPU the
+    integer form costs three ALU operations per element and gives the same bits as
+    ``cvt.rn.bf16.f32`` for every finite value (the kernels never see NaN).
+    """
+    if dtype == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)  # round half to even on the 16 dropped bits
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(dtype)

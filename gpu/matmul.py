@@ -1,0 +1,92 @@
+"""``matmul_4bit``: ``y = x W^T + bias`` with ``W`` stored blockwise in 4 bits.
+
+Pairs with ``x @ qlora_ref.qlora.qlora_base_weight(packed, state, compute_dtype=x.dtype).T``
+(the base term of the oracle's ``qlora_forward``): the weight is decoded, rounded to the dtype of
+``x`` (the compute dtype), and multiplied with float32 accumulation; results are compared in
+the derived tolerance tier.
+
+Public API
+----------
+``matmul_4bit(x, packed, state, *, bias=None, backend="auto", config=None)``
+    ``x (..., K)`` float32/float16/bfloat16 (float64 on the torch backend), ``W (N, K)``;
+    returns ``(..., N)`` in ``x.dtype``. With the Triton backend and at most
+    ``FUSED_MAX_ROWS`` rows (and an even ``K``), the fused kernel of
+    ``qlora_gpu.triton_matmul`` reads the packed weight directly; otherwise the weight is decoded
+    once (one-pass kernel on Triton) and multiplied with ``torch.nn.functional.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlora_gpu.quantize import check_packed, dequantize_4bit, resolve_backend
+
+__all__ = ["matmul_4bit", "FUSED_MAX_ROWS"]
+
+#: Rows (tokens) up to which the Triton backend uses the fused small-batch kernel.
+FUSED_MAX_ROWS = 16
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state, *, bias=None, backend: str = "auto",
+                config=None) -> torch.Tensor:
+    """Multiply by a 4-bit weight: ``y = x W^T + bias`` in ``x.dtype``.
+
+    Parameters
+    ----------
+    x : Tensor, shape (..., K), float32, float16, bfloat16 (or float64, torch backend)
+        Its dtype is the compute dtype: ``W`` is decoded and rounded to it.
+    packed : Tensor, shape ((N * K + 1) // 2, 1), uint8
+    state : QuantState
+        Of a 2-D weight ``(N, K)``.
+    bias : Tensor, shape (N,), optional
+        Added in float32 before the final rounding (fused kernel) or by ``linear``.
+    backend : {"auto", "torch", "triton"}
+    config : qlora_gpu.triton_matmul.MatmulConfig, optional
+        Launch configuration of the fused kernel.
+
+    Returns
+    -------
+    Tensor, shape (..., N), ``x.dtype``
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not a float tensor or ``packed``/``state`` have the wrong types.
+    ValueError
+        If the state is not 2-D or ``x``'s last dimension is not ``K``.
+
+    Notes
+    -----
+    QLoRA eq. 5, base term: ``X doubleDequant(c1, c2, W_NF4)``, here transposed to torch's
+    ``(out, in)`` weight layout.
+
+    Examples
+    --------
+    >>> from qlora_gpu import quantize_4bit
+    >>> packed, state = quantize_4bit(torch.eye(64), blocksize=64)
+    >>> x = torch.randn(3, 64)
+    >>> bool(torch.equal(matmul_4bit(x, packed, state), x))
+    True
+    """
+    flat = check_packed(packed, state)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor")
+    if len(state.shape) != 2:
+        raise ValueError(f"matmul_4bit needs a 2-D weight (N, K); the state has shape {state.shape}")
+    N, K = state.shape
+    if x.ndim < 1 or x.shape[-1] != K:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be K = {K}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},)")
+    backend = resolve_backend(backend, x.device)
+    x2d = x.reshape(-1, K)  # (M, K)
+    M = x2d.shape[0]
+    if backend == "triton" and 0 < M <= FUSED_MAX_ROWS and K % 2 == 0 and x.dtype in _FUSED_DTYPES:
+        from qlora_gpu.triton_matmul import matmul_4bit_triton
+
+        y = matmul_4bit_triton(x2d, flat, state, bias=bias, config=config)
+        return y.reshape(*x.shape[:-1], N)
+    W = dequantize_4bit(packed, state, dtype=x.dtype, backend=backend)  # (N, K) in x.dtype
+    return torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))

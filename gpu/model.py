@@ -1,0 +1,141 @@
+"""Turn a model's linear layers into ``QLoRALinear`` layers, by name pattern, and freeze the rest.
+
+The model-level helper for fine-tuning a small model end to end with QLoRA, as PEFT's
+``target_modules`` does it (no oracle pair: it only moves modules around; the layers it makes
+are ``qlora_gpu.linear.QLoRALinear``).
+
+Public API
+----------
+``replace_linear_with_qlora(model, target_modules, *, r=8, alpha=16, **options)`` -> list of names
+    Replaces every ``nn.Linear`` whose qualified name matches, in place; ``options`` are
+    ``QLoRALinear``'s keyword arguments (``quant_type``, ``blocksize``, ``double_quant``,
+    ``rslora``, ``dropout``, ``compute_dtype``, ``adapter_dtype``, ``backend``). Afterwards only
+    the adapters (``lora_A.weight``, ``lora_B.weight``) require gradients.
+``adapter_state_dict(model)`` -> ``{name: tensor}``: the adapters only, PEFT-style names.
+``trainable_parameters(model)`` -> ``(trainable, total)`` element counts (4-bit buffers not counted).
+
+Note: target_modules matching (PEFT's rule)
+    A list of strings matches a module whose qualified name equals an entry or ends with
+    ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); a single string
+    is a regular expression that must match the whole qualified name.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch  # noqa: F401  (the Examples pass torch dtypes)
+from torch import nn
+
+from qlora_gpu.linear import QLoRALinear
+
+__all__ = ["replace_linear_with_qlora", "adapter_state_dict", "trainable_parameters", "matches_target"]
+
+
+def matches_target(name: str, target_modules) -> bool:
+    """Whether a module's qualified name matches ``target_modules`` (Note: target_modules matching).
+
+    Examples
+    --------
+    >>> matches_target("model.layers.0.self_attn.q_proj", ["q_proj", "v_proj"])
+    True
+    >>> matches_target("model.layers.0.self_attn.q_proj", r".*\\.(q|k)_proj")
+    True
+    >>> matches_target("model.layers.0.mlp.up_proj", ["proj"])
+    False
+    """
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def replace_linear_with_qlora(model: nn.Module, target_modules, *, r: int = 8, alpha: float = 16,
+                              freeze: bool = True, **options) -> list:
+    """Swap matching ``nn.Linear`` layers of ``model`` for ``QLoRALinear`` layers, in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+    target_modules : list of str, or str (a regular expression)
+        See Note: target_modules matching.
+    r, alpha : int, float
+        Adapter rank and ``lora_alpha`` of every new layer.
+    freeze : bool
+        Set ``requires_grad=False`` on every parameter except the new adapters.
+    **options
+        Keyword arguments of ``QLoRALinear`` (``quant_type="nf4"``, ``double_quant=True``, ...).
+
+    Returns
+    -------
+    list of str
+        Qualified names of the replaced layers, in module order.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not an ``nn.Module`` or ``target_modules`` is neither a str nor a list
+        of str.
+    ValueError
+        If no ``nn.Linear`` matches (PEFT raises too: a typo would otherwise train nothing).
+
+    Examples
+    --------
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    >>> replace_linear_with_qlora(model, ["0", "2"], r=4, compute_dtype=torch.float32)
+    ['0', '2']
+    >>> trainable_parameters(model)
+    (800, 872)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(target_modules, str) and not (
+            isinstance(target_modules, (list, tuple, set)) and all(isinstance(t, str) for t in target_modules)):
+        raise TypeError("target_modules must be a regular expression string or a list of module names")
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and name and matches_target(name, target_modules)]
+    if not names:
+        raise ValueError(f"no nn.Linear in the model matches target_modules={target_modules!r}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QLoRALinear.from_linear(getattr(parent, child), r=r, alpha=alpha, **options))
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in model.modules():
+            if isinstance(m, QLoRALinear):
+                m.lora_A.weight.requires_grad_(True)
+                m.lora_B.weight.requires_grad_(True)
+    return names
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """Return the adapters of every ``QLoRALinear`` in ``model`` (``<name>.lora_A.weight``, ...).
+
+    Examples
+    --------
+    >>> model = nn.Sequential(QLoRALinear(64, 64, r=2))
+    >>> sorted(adapter_state_dict(model))
+    ['0.lora_A.weight', '0.lora_B.weight']
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QLoRALinear):
+            prefix = f"{name}." if name else ""
+            out[prefix + "lora_A.weight"] = m.lora_A.weight.detach()
+            out[prefix + "lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return ``(trainable, total)`` parameter element counts (4-bit buffers are not parameters).
+
+    Examples
+    --------
+    >>> trainable_parameters(nn.Linear(4, 2))
+    (10, 10)
+    """
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+

@@ -1,0 +1,374 @@
+"""Blockwise 4-bit quantization and decoding on torch tensors (NF4, FP4, INT4), two backends.
+
+Fast pair of ``qlora_ref.quantize`` and ``qlora_ref.double_quant``: same names, same
+signatures on tensors, same bits. Every rounding decision is the oracle's Note: quantization
+semantics and Note: nested encoding rule; this module does not restate them, it follows them.
+
+Public API
+----------
+``quantize_4bit(t, *, blocksize=64, quant_type="nf4", double_quant=False, backend="auto")``
+    -> ``(packed, state)``: ``packed`` uint8 of shape ``((n + 1) // 2, 1)`` on ``t``'s device,
+    ``state`` a ``qlora_gpu.QuantState``. ``double_quant``: False or True/"bnb".
+``dequantize_4bit(packed, state, *, dtype=None, backend="auto")``
+    -> tensor of ``state.shape`` in ``dtype`` (default ``state.dtype``; float64 allowed).
+``double_quantize(absmax, *, blocksize=256, offset=None)`` -> ``NestedAbsmax``;
+``dequantize_absmax(nested)`` -> float32 absmax.
+``pack_4bit``, ``unpack_4bit``: the nibble layout (first element in the high nibble).
+
+Backends: ``"torch"`` (plain torch ops, any device), ``"triton"`` (the kernels of
+``qlora_gpu.triton_quantize`` and ``qlora_gpu.triton_dequantize``: CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton for CUDA tensors, torch otherwise).
+
+Note: the double-quantization offset
+    The oracle's offset is the float64 mean of the absmax, rounded once to float32. Here it is
+    ``float32(sum(float64(absmax)) / n)`` computed by torch. Where the float64 sum is exact (any
+    set of absmax whose exponents span less than about 29 binades, which is every real weight),
+    the two agree bit for bit; otherwise the summation order could move the float64 mean by an
+    ulp, which changes the float32 offset only if it sits within that ulp of a rounding tie.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qlora_gpu import tables
+from qlora_gpu.state import BLOCKSIZES, DTYPES, QUANT_TYPES, NestedAbsmax, QuantState, torch_dtype
+
+__all__ = [
+    "quantize_4bit",
+    "dequantize_4bit",
+    "double_quantize",
+    "dequantize_absmax",
+    "pack_4bit",
+    "unpack_4bit",
+    "resolve_backend",
+]
+
+_NESTED_BLOCKSIZE = 256
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Return ``"torch"`` or ``"triton"`` for a requested backend and a tensor's device.
+
+    Raises
+    ------
+    ValueError
+        If the backend is unknown, or Triton is asked for on a CPU tensor without the
+        interpreter (``TRITON_INTERPRET=1``).
+
+    Examples
+    --------
+    >>> resolve_backend("auto", torch.device("cpu"))
+    'torch'
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'triton'")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    return backend
+
+
+def _check_input(t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in DTYPES.values():
+        raise TypeError(f"t has dtype {t.dtype}; expected float32, float16 or bfloat16")
+    if t.numel() == 0:
+        raise ValueError("t is empty: there is nothing to quantize")
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int(torch.nonzero(~finite.reshape(-1))[0])
+        raise ValueError(
+            f"t holds {int((~finite).sum())} NaN or Inf values (first at flat index {bad}); "
+            "4-bit formats cannot store them"
+        )
+    return t
+
+
+def _check_options(blocksize, quant_type, double_quant) -> bool:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize} is not allowed; use one of {BLOCKSIZES}")
+    if not isinstance(quant_type, str) or quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
+    if double_quant == "torchao":
+        raise ValueError("qlora_gpu implements bitsandbytes' double quantization only (double_quant=True)")
+    if double_quant not in (False, None, True, "bnb"):
+        raise ValueError(f"double_quant must be False, True or 'bnb', got {double_quant!r}")
+    return double_quant in (True, "bnb")
+
+
+def pack_4bit(codes: torch.Tensor, quant_type: str = "nf4") -> torch.Tensor:
+    """Pack 4-bit codes two per byte, the first in the high nibble.
+
+    Fast pair of ``qlora_ref.quantize.pack_4bit``.
+
+    Parameters
+    ----------
+    codes : Tensor, shape (n,), uint8 (or any integer dtype) in 0..15
+    quant_type : str
+        Decides the pad code of an odd count (the code of 0.0).
+
+    Returns
+    -------
+    Tensor, shape ((n + 1) // 2, 1), uint8
+
+    Examples
+    --------
+    >>> pack_4bit(torch.tensor([1, 2, 3], dtype=torch.uint8)).ravel().tolist() == [0x12, 0x37]
+    True
+    """
+    codes = codes.reshape(-1).to(torch.uint8)
+    if codes.numel() % 2:
+        pad = torch.full((1,), tables.ZERO_CODES[quant_type], dtype=torch.uint8, device=codes.device)
+        codes = torch.cat([codes, pad])
+    return ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
+
+
+def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Unpack ``n`` 4-bit codes (uint8) from bytes, the first code in the high nibble.
+
+    Fast pair of ``qlora_ref.quantize.unpack_4bit``.
+
+    Examples
+    --------
+    >>> unpack_4bit(torch.tensor([[0x12], [0x37]], dtype=torch.uint8), 3).tolist()
+    [1, 2, 3]
+    """
+    flat = packed.reshape(-1)
+    return torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n]
+
+
+def _blocks(x_flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """View a flat tensor as (n_blocks, blocksize), zero-padding the partial last block."""
+    pad = -x_flat.numel() % blocksize
+    if pad:
+        x_flat = torch.nn.functional.pad(x_flat, (0, pad))
+    return x_flat.reshape(-1, blocksize)
+
+
+def _quantize_torch(t: torch.Tensor, blocksize: int, quant_type: str):
+    n = t.numel()
+    x = _blocks(t.reshape(-1).to(torch.float32), blocksize)  # (n_blocks, blocksize) float32, exact
+    absmax = x.abs().amax(dim=1)  # (n_blocks,) float32
+    reciprocal = torch.reciprocal(absmax)  # float32 1/absmax (IEEE division); inf for a zero block
+    s = x * reciprocal[:, None]  # float32 multiply
+    # Sorted position = number of midpoints strictly below s (bucketize, right=False).
+    position = torch.bucketize(s, tables.midpoints(quant_type, t.device), right=False)
+    codes = tables.sorted_codes(quant_type, t.device)[position]  # (n_blocks, blocksize) int64
+    codes = torch.where(x == 0, tables.ZERO_CODES[quant_type], codes)  # also the zero padding
+    # An odd count's pad nibble is element n, which is zero padding (blocksize is even).
+    codes = codes.reshape(-1)[: n + n % 2].to(torch.uint8)
+    return pack_4bit(codes, quant_type), absmax
+
+
+def double_quantize(absmax: torch.Tensor, *, blocksize: int = _NESTED_BLOCKSIZE, offset=None,
+                    backend: str = "auto") -> NestedAbsmax:
+    """Quantize first-level absmax constants to 8 bits, bitsandbytes' scheme.
+
+    Fast pair of ``qlora_ref.double_quant.double_quantize`` (bit-identical; see Note: the
+    double-quantization offset).
+
+    Parameters
+    ----------
+    absmax : Tensor, shape (n_blocks,), float32
+    blocksize : int
+        Constants per nested block (bitsandbytes: 256).
+    offset : float or 0-d Tensor, optional
+        Subtracted first; default ``float32(mean(float64(absmax)))``.
+    backend : {"auto", "torch", "triton"}
+
+    Returns
+    -------
+    NestedAbsmax
+        uint8 ``codes`` (n_blocks,), float32 ``absmax`` (ceil(n_blocks / blocksize),), the
+        dynamic map, the float32 ``offset`` as a 0-d tensor.
+
+    Raises
+    ------
+    TypeError
+        If ``absmax`` is not a float32 tensor.
+    ValueError
+        If it is empty, not 1-D or not finite, or the block size is not positive.
+
+    Notes
+    -----
+    ``v = absmax - offset``; per nested block ``c = max |v|``;
+    ``code = nearest(DYNAMIC_MAP, v * float32(1 / c))``, exact nearest, ties to the lower entry.
+
+    Examples
+    --------
+    >>> nested = double_quantize(torch.tensor([1.0, 2.0, 3.0]))
+    >>> nested.offset.item(), nested.codes.tolist(), nested.absmax.tolist()
+    (2.0, [0, 127, 255], [1.0])
+    """
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32:
+        raise TypeError("absmax must be a float32 tensor")
+    if absmax.ndim != 1 or absmax.numel() == 0:
+        raise ValueError(f"absmax must be a non-empty 1-D tensor, got shape {tuple(absmax.shape)}")
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("absmax contains NaN or Inf")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"nested blocksize must be a positive int, got {blocksize!r}")
+    if offset is None:
+        offset = (absmax.to(torch.float64).sum() / absmax.numel()).to(torch.float32)
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=absmax.device).reshape(())
+    if resolve_backend(backend, absmax.device) == "triton":
+        from qlora_gpu.triton_quantize import double_quantize_triton
+
+        codes, nested_absmax = double_quantize_triton(absmax, offset, blocksize)
+    else:
+        v = _blocks(absmax - offset, blocksize)  # (n_nested, blocksize) float32; padding is 0
+        nested_absmax = v.abs().amax(dim=1)  # (n_nested,)
+        s = v * torch.reciprocal(nested_absmax)[:, None]  # float32; NaN where 0 * inf
+        position = torch.searchsorted(tables.dynamic_midpoints(absmax.device), s.to(torch.float64).contiguous(),
+                                      right=False)
+        position = torch.where(torch.isnan(s), tables.DYNAMIC_ZERO_CODE, position)
+        codes = position.reshape(-1)[: absmax.numel()].to(torch.uint8)
+    return NestedAbsmax(codes=codes, absmax=nested_absmax, code=tables.dynamic_map(absmax.device),
+                        offset=offset, blocksize=blocksize)
+
+
+def dequantize_absmax(nested: NestedAbsmax) -> torch.Tensor:
+    """Reconstruct the float32 absmax from its double-quantized form.
+
+    Fast pair of ``qlora_ref.double_quant.dequantize_absmax``: ``float32(code[q] *
+    nested_absmax[i // blocksize]) + offset``, two roundings (no fused multiply-add).
+
+    Examples
+    --------
+    >>> dequantize_absmax(double_quantize(torch.tensor([1.0, 2.0, 3.0]))).tolist()
+    [1.0070312023162842, 2.0, 3.0]
+    """
+    codes = nested.codes.to(torch.int64)
+    n = codes.numel()
+    values = _blocks(nested.code.to(torch.float32)[codes], nested.blocksize)  # (n_nested, bs)
+    scaled = (values * nested.absmax[:, None]).reshape(-1)[:n]
+    return scaled + nested.offset
+
+
+def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf4", double_quant=False,
+                  backend: str = "auto"):
+    """Quantize a tensor blockwise to 4 bits, bit-identical with the oracle and bitsandbytes.
+
+    Fast pair of ``qlora_ref.quantize.quantize_4bit``.
+
+    Parameters
+    ----------
+    t : Tensor, any shape, float32, float16 or bfloat16, any device
+    blocksize : int
+        One of 32, 64, 128, 256, 512, 1024, 2048, 4096.
+    quant_type : {"nf4", "fp4", "int4"}
+    double_quant : bool or "bnb"
+        Double-quantize the absmax with bitsandbytes' scheme.
+    backend : {"auto", "torch", "triton"}
+
+    Returns
+    -------
+    packed : Tensor, shape ((n + 1) // 2, 1), uint8
+    state : QuantState
+
+    Raises
+    ------
+    TypeError
+        If ``t`` is not a tensor of a supported dtype.
+    ValueError
+        If ``t`` is empty or holds NaN/Inf, or an option is unknown.
+
+    Notes
+    -----
+    QLoRA section 3: ``X_4bit = round_nearest(X / absmax(X))`` per block.
+
+    Examples
+    --------
+    >>> packed, state = quantize_4bit(torch.tensor([1.0, -1.0, 0.0, 0.5]))
+    >>> [hex(b) for b in packed.ravel().tolist()], state.absmax.tolist()
+    (['0xf0', '0x7c'], [1.0])
+    """
+    nested_on = _check_options(blocksize, quant_type, double_quant)
+    t = _check_input(t)
+    if resolve_backend(backend, t.device) == "triton":
+        from qlora_gpu.triton_quantize import quantize_4bit_triton
+
+        packed, absmax = quantize_4bit_triton(t, blocksize, quant_type)
+    else:
+        packed, absmax = _quantize_torch(t, blocksize, quant_type)
+    common = dict(shape=tuple(t.shape), dtype=t.dtype, blocksize=blocksize, quant_type=quant_type,
+                  code=tables.codebook(quant_type, t.device))
+    if nested_on:
+        return packed, QuantState(**common, nested=double_quantize(absmax, backend=backend))
+    return packed, QuantState(**common, absmax=absmax)
+
+
+def check_packed(packed, state: QuantState) -> torch.Tensor:
+    """Validate packed codes against a state; return them as a flat uint8 tensor.
+
+    Raises
+    ------
+    TypeError
+        If ``packed`` is not a uint8 tensor or ``state`` is not a ``qlora_gpu.QuantState``.
+    ValueError
+        If sizes do not match the state.
+    """
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qlora_gpu.QuantState, got {type(state).__name__}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError("packed must be a uint8 tensor")
+    expected = state.packed_nbytes
+    if packed.numel() != expected or packed.ndim not in (1, 2) or (packed.ndim == 2 and packed.shape[1] != 1):
+        raise ValueError(f"packed has shape {tuple(packed.shape)}, but a state of shape {state.shape} "
+                         f"needs ({expected}, 1) bytes")
+    codes = state.absmax if state.absmax is not None else state.nested.codes
+    if codes.shape != (state.n_blocks,):
+        raise ValueError(f"absmax has shape {tuple(codes.shape)}, expected ({state.n_blocks},)")
+    if state.code.shape != (16,):
+        raise ValueError(f"the code map must have 16 entries, got shape {tuple(state.code.shape)}")
+    return packed.reshape(-1)
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, *, dtype=None, backend: str = "auto") -> torch.Tensor:
+    """Decode a blockwise 4-bit tensor.
+
+    Fast pair of ``qlora_ref.quantize.dequantize_4bit``.
+
+    Parameters
+    ----------
+    packed : Tensor, shape ((n + 1) // 2, 1) or ((n + 1) // 2,), uint8
+    state : QuantState
+    dtype : torch.dtype or str, optional
+        float32, float16, bfloat16 (or float64, exact from float32); default ``state.dtype``.
+    backend : {"auto", "torch", "triton"}
+
+    Returns
+    -------
+    Tensor of ``state.shape`` and ``dtype``
+        ``float32(CODE[code] * absmax)`` rounded to nearest even into ``dtype``.
+
+    Raises
+    ------
+    TypeError
+        If ``packed`` or ``state`` has the wrong type, or ``dtype`` is unsupported.
+    ValueError
+        If the packed data and the state do not match.
+
+    Examples
+    --------
+    >>> packed, state = quantize_4bit(torch.linspace(-1, 1, 6).reshape(2, 3), blocksize=32)
+    >>> dequantize_4bit(packed, state, dtype=torch.bfloat16).dtype
+    torch.bfloat16
+    """
+    flat = check_packed(packed, state)
+    out_dtype = torch_dtype(state.dtype if dtype is None else dtype)
+    if resolve_backend(backend, flat.device) == "triton":
+        from qlora_gpu.triton_dequantize import dequantize_4bit_triton
+
+        return dequantize_4bit_triton(flat, state, out_dtype).reshape(state.shape)
+    absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
+    values = state.code.to(torch.float32)[unpack_4bit(flat, state.numel).to(torch.int64)]  # (n,)
+    y = (_blocks(values, state.blocksize) * absmax[:, None]).reshape(-1)[: state.numel]  # float32
+    return y.to(out_dtype).reshape(state.shape)
