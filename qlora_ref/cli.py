@@ -14,6 +14,7 @@ import sys
 #: Modules that define subcommands, in the order ``--help`` lists them.
 COMMANDS = (
     "qlora_ref.report",
+    "qlora_ref.memory_cli",
 )
 
 
