@@ -128,3 +128,19 @@ def lora_problems(draw, max_features: int = 8, max_rank: int = 3, max_batch_dims
         "grad_y": normal(*lead, out_features),
         "scaling": draw(st.sampled_from([0.5, 1.0, 2.0, 16 / np.sqrt(8)])),
     }
+
+
+# ------------------------------------------------------------------------------ torchao NF4
+
+
+@st.composite
+def torchao_arrays(draw, dtype_name: str | None = None):
+    """Arrays torchao's ``to_nf4`` accepts: 1 or 2 dimensions, a multiple of 64 * 256 elements.
+
+    Filled by repeating one ``hard_arrays`` draw (blocks of 64), so every hard case above occurs.
+    """
+    name = dtype_name or draw(dtype_names)
+    k = draw(st.integers(1, 2))
+    shape = draw(st.sampled_from([(64 * k, 256), (256, 64 * k), (128 * k, 128), (16384 * k,)]))
+    pattern = draw(hard_arrays(name, max_elements=2000, blocksize=64)).reshape(-1)
+    return np.resize(pattern, int(np.prod(shape))).reshape(shape)

@@ -90,3 +90,15 @@ def assert_within(actual, ref64, budget: float, what: str = "values") -> None:
 def assert_derived(actual, ref64, baseline, *, ulps: float = 4.0, dtype=None, what: str = "values") -> None:
     """The derived tier: error against ``ref64`` at most 2x ``baseline``'s error plus ``ulps``."""
     assert_within(actual, ref64, derived_budget(ref64, baseline, ulps=ulps, dtype=dtype), what)
+
+
+def assert_bit_equal_or_both_nan(actual, expected, what: str = "values") -> None:
+    """``assert_bit_equal``, except that a NaN matches any NaN: its payload and sign are runtime
+    noise (torch's scalar and vector conversions to bfloat16 write different NaN bits), not
+    part of any stored format. NaN positions must still agree exactly."""
+    a, e = _as_numpy(actual), _as_numpy(expected)
+    a_nan, e_nan = np.isnan(a.astype(np.float32)), np.isnan(e.astype(np.float32))
+    if not np.array_equal(a_nan, e_nan):
+        idx = np.unravel_index(int(np.flatnonzero(a_nan != e_nan)[0]), a.shape)
+        raise AssertionError(f"{what}: NaN positions differ; first at {idx}: {a[idx]!r} vs expected {e[idx]!r}")
+    assert_bit_equal(np.where(a_nan, 0, a).astype(a.dtype), np.where(e_nan, 0, e).astype(e.dtype), what)
