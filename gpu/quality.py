@@ -73,7 +73,7 @@ class ExperimentConfig:
 #: 10 minutes), ``large`` for a GPU.
 SIZES = {
     "tiny": ExperimentConfig(d_model=64, n_layer=1, n_head=2, d_ff=128, seq_len=32, batch_size=4,
-                             pretrain_steps=40, finetune_steps=12, eval_batches=2, eval_every=4,
+                             pretrain_steps=40, finetune_steps=30, eval_batches=8, eval_every=10,
                              seeds=(0,), rank=4, alpha=1.0),
     "default": ExperimentConfig(),
     "large": ExperimentConfig(d_model=512, n_layer=8, n_head=8, d_ff=1408, seq_len=256, batch_size=32,
@@ -248,7 +248,7 @@ def build_arm(arm: str, pretrained: dict, cfg: ExperimentConfig) -> nn.Module:
         return model
     if arm not in _QUANTIZED_ARMS:
         raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
-    from qlora_gpu.layer import replace_linear_with_qlora
+    from qlora_gpu.model import replace_linear_with_qlora
 
     quant_type, double_quant = _QUANTIZED_ARMS[arm]
     replace_linear_with_qlora(
@@ -322,7 +322,8 @@ def pretrain(cfg: ExperimentConfig, corpora: dict, *, seed: int = 1234, progress
     return copy.deepcopy(model.state_dict()), losses
 
 
-def run_experiment(size: str = "default", *, arms=ARMS, progress=print, config: ExperimentConfig | None = None) -> dict:
+def run_experiment(size: str = "default", *, arms=ARMS, progress=print, config: ExperimentConfig | None = None,
+                   threads: int = 1) -> dict:
     """Run every arm over every seed; return a JSON-ready dict of results.
 
     Parameters
@@ -334,6 +335,9 @@ def run_experiment(size: str = "default", *, arms=ARMS, progress=print, config: 
         Called with one line of text at each milestone.
     config : ExperimentConfig, optional
         Overrides ``SIZES[size]``.
+    threads : int
+        torch intra-op threads (1 by default: the model's matmuls are small, and one thread
+        keeps runs reproducible and fast on a shared machine).
     """
     if config is None:
         if size not in SIZES:
@@ -343,7 +347,7 @@ def run_experiment(size: str = "default", *, arms=ARMS, progress=print, config: 
     if unknown:
         raise ValueError(f"unknown arms {unknown}; expected a subset of {ARMS}")
     say = progress or (lambda _: None)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(threads)
     corpora = load_corpora()
     heldout = eval_batches(corpora["heldout"], config.eval_batches, config.batch_size, config.seq_len)
     pre_code = eval_batches(corpora["pretrain"], config.eval_batches, config.batch_size, config.seq_len)

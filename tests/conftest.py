@@ -13,6 +13,9 @@ try:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # One intra-op thread: the tests use small shapes, where OpenMP threads only add overhead,
+    # and on a loaded 2-core machine spinning threads make a tiny matmul 100x slower.
+    torch.set_num_threads(1)
 except ImportError:  # the oracle's tests run without torch
     pass
 
