@@ -230,7 +230,7 @@ def double_quantize(absmax: torch.Tensor, *, blocksize: int = _NESTED_BLOCKSIZE,
                                       right=False)
         position = torch.where(torch.isnan(s), tables.DYNAMIC_ZERO_CODE, position)
         codes = position.reshape(-1)[: absmax.numel()].to(torch.uint8)
-    return NestedAbsmax(codes=codes, absmax=nested_absmax, code=tables.dynamic_map(absmax.device),
+    return NestedAbsmax(codes=codes, absmax=nested_absmax, code=tables.dynamic_map(absmax.device).clone(),
                         offset=offset, blocksize=blocksize)
 
 
@@ -299,7 +299,7 @@ def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf
     else:
         packed, absmax = _quantize_torch(t, blocksize, quant_type)
     common = dict(shape=tuple(t.shape), dtype=t.dtype, blocksize=blocksize, quant_type=quant_type,
-                  code=tables.codebook(quant_type, t.device))
+                  code=tables.codebook(quant_type, t.device).clone())  # own copy: safetensors refuses shared memory
     if nested_on:
         return packed, QuantState(**common, nested=double_quantize(absmax, backend=backend))
     return packed, QuantState(**common, absmax=absmax)

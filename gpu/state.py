@@ -20,6 +20,7 @@ Public API
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -195,7 +196,7 @@ class QuantState:
     @property
     def numel(self) -> int:
         """Number of elements of the original tensor."""
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # math, not NumPy: torch.compile traces it as a constant
 
     @property
     def n_blocks(self) -> int:
