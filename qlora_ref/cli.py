@@ -15,6 +15,8 @@ import sys
 COMMANDS = (
     "qlora_ref.report",
     "qlora_ref.memory_cli",
+    "qlora_ref.check",
+    "qlora_ref.vectors",
 )
 
 

@@ -1,0 +1,280 @@
+"""``qlora-ref check``: exact for the oracle, every difference of real implementations named,
+deliberately broken implementations caught in the right class.
+
+The broken implementations below follow the user protocol (docs/conformance.md): plain NumPy
+functions ``quantize(x, blocksize, quant_type) -> (packed, absmax)`` and ``dequantize(...)``,
+loaded by the command line as ``test_check:<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from qlora_ref.check import check_implementations, format_report
+from qlora_ref.cli import main
+from qlora_ref.codebooks import codebook
+from qlora_ref.implementations import resolve
+from qlora_ref.quantize import blockwise_absmax, decode_4bit, pack_4bit, quantize_4bit, unpack_4bit
+from qlora_ref.registry import PROVIDERS
+
+
+# ----------------------------------------------------------------------------- broken implementations
+
+
+def _flat32(x):
+    return np.asarray(x).astype(np.float32).reshape(-1)
+
+
+def _encode_with(s, quant_type, side="left"):
+    table = codebook(quant_type)
+    order = np.argsort(table, kind="stable")
+    v = table[order]
+    midpoints = (v[:-1] + v[1:]) / np.float32(2)
+    codes = order[np.searchsorted(midpoints, s, side=side)].astype(np.uint8)
+    return codes
+
+
+def swapped_nibbles(x, blocksize, quant_type):
+    """The oracle's codes with the first element in the LOW nibble."""
+    packed, state = quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
+    return ((packed & 0x0F) << 4) | (packed >> 4), state.absmax
+
+
+def ties_up(x, blocksize, quant_type):
+    """A value exactly on a midpoint takes the UPPER entry."""
+    x32 = _flat32(x)
+    absmax = blockwise_absmax(x32, blocksize)
+    with np.errstate(all="ignore"):
+        s = x32 * np.repeat(np.float32(1) / absmax, blocksize)[: x32.size]
+    codes = _encode_with(s, quant_type, side="right")
+    codes[x32 == 0] = _encode_with(np.zeros(1, np.float32), quant_type)[0]
+    return pack_4bit(codes, quant_type), absmax
+
+
+def float64_scaling(x, blocksize, quant_type):
+    """Scales by the float64 quotient ``x / absmax`` instead of the float32 reciprocal."""
+    x32 = _flat32(x)
+    absmax = blockwise_absmax(x32, blocksize)
+    with np.errstate(all="ignore"):
+        s = x32.astype(np.float64) / np.repeat(absmax.astype(np.float64), blocksize)[: x32.size]
+    table = codebook(quant_type)
+    order = np.argsort(table, kind="stable")
+    v = table[order].astype(np.float64)
+    midpoints = ((table[order][:-1] + table[order][1:]) / np.float32(2)).astype(np.float64)
+    codes = order[np.searchsorted(midpoints, s, side="left")].astype(np.uint8)
+    zero = int(np.flatnonzero(v == 0)[0])
+    codes[(x32 == 0) | np.isnan(s)] = order[zero]
+    return pack_4bit(codes, quant_type), absmax
+
+
+def decode_with_rounded_table(packed, absmax, shape, blocksize, quant_type, dtype):
+    """Decodes with the codebook rounded to 4 decimals (as printed in papers, and as torchao
+    stores NF4): not bitsandbytes' table."""
+    n = int(np.prod(shape))
+    table = np.round(codebook(quant_type).astype(np.float64), 4).astype(np.float32)
+    y = decode_4bit(unpack_4bit(packed, n), absmax, blocksize, table)
+    out = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    return y.astype(out).reshape(shape)
+
+
+def good_decode(packed, absmax, shape, blocksize, quant_type, dtype):
+    """A correct decoder in the user protocol."""
+    n = int(np.prod(shape))
+    y = decode_4bit(unpack_4bit(packed, n), absmax, blocksize, codebook(quant_type))
+    out = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    return y.astype(out).reshape(shape)
+
+
+def nf4_only(x, blocksize):
+    """No quant_type parameter: an NF4-only implementation; checked on NF4 cases only."""
+    packed, state = quantize_4bit(x, blocksize=blocksize, quant_type="nf4")
+    return packed, state.absmax
+
+
+def _totals(rows):
+    classes = {}
+    for r in rows:
+        for k, v in r.classes.items():
+            classes[k] = classes.get(k, 0) + v
+    return sum(r.unexplained for r in rows), classes
+
+
+def _check(spec, **kw):
+    kw.setdefault("rounds", 1)
+    return check_implementations([resolve(spec)], **kw)
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+def test_oracle_is_exact_on_vectors_and_random_inputs():
+    rows = _check("oracle")
+    unexplained, classes = _totals(rows)
+    assert unexplained == 0 and classes == {}, format_report(rows, [])
+    groups = {r.group for r in rows}
+    assert {"vectors nf4", "vectors fp4", "vectors lora", "random nf4", "random fp4", "random torchao scheme"} <= groups
+    assert all(r.compared == r.exact > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- broken ones, caught
+
+
+def test_swapped_nibbles_is_unexplained_and_diagnosed(capsys):
+    rows = _check("test_check:swapped_nibbles", rounds=0)
+    unexplained, _ = _totals(rows)
+    assert unexplained > 0
+    assert any("nibbles are swapped" in note for r in rows for note in r.notes)
+    assert main(["check", "test_check:swapped_nibbles", "--rounds", "0"]) == 1
+    assert "nibbles are swapped" in capsys.readouterr().out
+
+
+def test_ties_up_is_classified_as_ties():
+    rows = _check("test_check:ties_up")
+    unexplained, classes = _totals(rows)
+    assert unexplained == 0, format_report(rows, [])
+    # Exact ties (x / absmax is a midpoint) are ties; a float32 product that only rounds onto a
+    # midpoint is also what a reciprocal one ulp up would give, and keeps that class.
+    assert set(classes) <= {"tie on a midpoint", "approximate reciprocal", "partial block division"}, classes
+    assert classes["tie on a midpoint"] > max(v for k, v in classes.items() if k != "tie on a midpoint"), classes
+
+
+def test_float64_scaling_is_classified_as_scaling_near_a_midpoint():
+    """Exact float64 quotients instead of the float32 reciprocal: on normal data every difference
+    is a scaling decision near a midpoint; where the float32 reciprocal of a subnormal absmax
+    overflows, the float64 quotient gives other codes, which no class excuses."""
+    rows = _check("test_check:float64_scaling", rounds=0, per_case=True)
+    normal = [r for r in rows if not r.group.startswith(("subnormal", "largest"))]
+    unexplained, classes = _totals(normal)
+    assert unexplained == 0, format_report(normal, [])
+    assert classes.get("approximate reciprocal", 0) > 0, classes
+    assert set(classes) <= {"approximate reciprocal", "partial block division", "absmax clamp 1e-38"}, classes
+    assert _totals([r for r in rows if r.group.startswith("subnormal")])[0] > 0
+
+
+def test_rounded_table_decode_is_unexplained_but_a_correct_decoder_is_exact():
+    bad = _check("test_check:,decode_with_rounded_table", rounds=0)
+    assert _totals(bad)[0] > 0
+    good = _check("test_check:,good_decode", rounds=0)
+    assert _totals(good) == (0, {})
+    assert sum(r.compared for r in good) > 100_000
+
+
+def test_strict_fails_on_classified_differences(capsys):
+    assert main(["check", "test_check:ties_up", "--no-vectors", "--no-time"]) == 0
+    assert main(["check", "test_check:ties_up", "--no-vectors", "--strict"]) == 1
+    capsys.readouterr()
+
+
+def test_nf4_only_function_is_checked_on_nf4_only():
+    rows = _check("test_check:nf4_only", rounds=0)
+    assert {r.group for r in rows} == {"vectors nf4"}
+    assert _totals(rows) == (0, {})
+    assert all(r.skipped == 0 for r in rows)
+
+
+def test_json_output(capsys):
+    assert main(["check", "oracle", "test_check:ties_up", "--json", "--no-vectors"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["unexplained"] == 0 and out["explained"] > 0
+    assert {r["impl"] for r in out["rows"]} == {"oracle", "test_check:ties_up"}
+    assert out["implementations"]["oracle"]["available"] is True
+
+
+def test_bad_specs_are_usage_errors(capsys):
+    assert main(["check", "no_such_provider"]) == 2
+    assert main(["check", "test_check:no_such_function"]) == 2
+    assert main(["check", "test_check:a,b,c"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a registered provider" in err and "no attribute" in err
+
+
+def test_crash_counts_against_the_implementation():
+    def boom(x, blocksize, quant_type):
+        raise RuntimeError("kaput")
+
+    from qlora_ref.implementations import _from_functions
+
+    rows = check_implementations([_from_functions("boom", boom, None)], rounds=0)
+    assert _totals(rows)[0] > 0
+    assert any("RuntimeError: kaput" in n for r in rows for n in r.notes)
+
+
+# ----------------------------------------------------------------------------- real implementations
+
+
+class BitsAndBytesViaTorch:
+    """bitsandbytes' functional API behind the provider protocol (test-side glue: the states are
+    taken field by field, so a broken state such as an infinite offset reaches the checker)."""
+
+    def __init__(self):
+        self.torch = pytest.importorskip("torch")
+        self.F = pytest.importorskip("bitsandbytes.functional")
+
+    def available(self):
+        return True, ""
+
+    def supports(self, quant_type, double_quant):
+        return quant_type in ("nf4", "fp4") and double_quant in (False, True)
+
+    def _t(self, x):
+        torch = self.torch
+        if x.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(x).copy())
+
+    def quantize(self, x, *, blocksize, quant_type, double_quant):
+        from qlora_ref.state import NestedAbsmax, QuantState, dtype_name
+
+        with self.torch.compiler.set_stance("force_eager"):
+            packed, qs = self.F.quantize_4bit(self._t(x), blocksize=blocksize, quant_type=quant_type,
+                                              compress_statistics=bool(double_quant))
+        common = dict(shape=tuple(x.shape), dtype=dtype_name(x.dtype), blocksize=blocksize,
+                      quant_type=quant_type, code=qs.code.numpy().copy())
+        if double_quant:
+            s2 = qs.state2
+            nested = NestedAbsmax("bnb", qs.absmax.numpy().copy(), s2.absmax.numpy().copy(), s2.code.numpy().copy(),
+                                  np.float32(qs.offset.item()), s2.blocksize)
+            return packed.numpy(), QuantState(**common, nested=nested)
+        return packed.numpy(), QuantState(**common, absmax=qs.absmax.numpy().copy())
+
+    def dequantize(self, packed, state, *, dtype):
+        torch, F = self.torch, self.F
+        kw = dict(shape=torch.Size(state.shape), blocksize=state.blocksize, code=torch.from_numpy(state.code.copy()),
+                  quant_type=state.quant_type, dtype=getattr(torch, dtype))
+        if state.nested is None:
+            qs = F.QuantState(absmax=torch.from_numpy(state.absmax.copy()), **kw)
+        else:
+            n = state.nested
+            s2 = F.QuantState(absmax=torch.from_numpy(n.absmax.copy()), code=torch.from_numpy(n.code.copy()),
+                              blocksize=n.blocksize, dtype=torch.float32)
+            qs = F.QuantState(absmax=torch.from_numpy(n.codes.copy()), offset=torch.tensor(float(n.offset)),
+                              state2=s2, **kw)
+        with torch.compiler.set_stance("force_eager"):  # bnb compiles its odd-shape CPU fallback
+            y = F.dequantize_4bit(torch.from_numpy(np.asarray(packed).reshape(-1, 1).copy()), qs)
+        if y.dtype == torch.bfloat16:
+            return y.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return y.numpy()
+
+
+def test_bitsandbytes_cpu_has_only_named_differences():
+    """bitsandbytes 0.50 on CPU: every difference from the oracle falls in a named class."""
+    rows = _check("test_check:BitsAndBytesViaTorch")
+    unexplained, classes = _totals(rows)
+    assert unexplained == 0, format_report(rows, [])
+    # The CPU path's known rules all show up on the vectors (formats.md sections 3 and 4).
+    for name in ("partial block division", "absmax clamp 1e-38", "all-zero nested block", "offset sum overflow"):
+        assert classes.get(name, 0) > 0, (name, classes)
+
+
+@pytest.mark.parametrize("name", [n for n in PROVIDERS if n != "oracle"])
+def test_registered_provider_has_no_unexplained_differences(name):
+    impl = resolve(name)
+    if not impl.available:
+        pytest.skip(f"provider {name!r} not available: {impl.reason}")
+    rows = check_implementations([impl], rounds=1)
+    assert rows, f"no case ran for {name}"
+    assert _totals(rows)[0] == 0, format_report(rows, [impl])
