@@ -17,6 +17,7 @@ from qlora_ref.codebooks import (
     normal_float_offset,
 )
 
+from qlora_ref.bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from qlora_ref.double_quant import dequantize_absmax, double_quantize, dynamic_map
 from qlora_ref.dora import dora_backward, dora_forward, dora_merge, dora_weight_norm
 from qlora_ref.lora import lora_backward, lora_forward, lora_init, lora_merge, lora_scaling, lora_unmerge

@@ -329,4 +329,5 @@ def dequantize_4bit(packed, state: QuantState, *, dtype=None) -> np.ndarray:
     absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
     codes = unpack_4bit(flat, state.numel)
     y = decode_4bit(codes, absmax.astype(np.float32, copy=False), state.blocksize, state.code)
-    return y.astype(out_dtype, copy=False).reshape(state.shape)
+    with np.errstate(over="ignore"):  # beyond the output dtype's range rounds to +-inf, as in torch
+        return y.astype(out_dtype, copy=False).reshape(state.shape)
