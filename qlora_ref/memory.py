@@ -122,9 +122,10 @@ class FinetuneSetup:
         One of ``qlora_ref.state.BLOCKSIZES``.
     double_quant : bool
         bitsandbytes' double quantization of the absmax.
-    target_modules : tuple of str
-        Linear layers that get adapters (PEFT names); default all of them. A name the model
-        lacks (``gate_proj`` in a plain MLP) is refused.
+    target_modules : "all-linear" or tuple of str
+        Linear layers that get adapters (PEFT names). ``"all-linear"`` (PEFT's name for it, the
+        default and the QLoRA paper's choice) adapts every linear layer the model has, the head
+        excepted. A named layer the model lacks (``gate_proj`` in a plain MLP) is refused.
     rank : int
     adapter_dtype, compute_dtype, base_dtype, norm_dtype : {"float32", "float16", "bfloat16"}
         The QLoRA paper's recipe: bf16 adapters, bf16 compute, bf16 embeddings and head,
@@ -145,7 +146,7 @@ class FinetuneSetup:
     quant_type: str | None = "nf4"
     blocksize: int = 64
     double_quant: bool = True
-    target_modules: tuple = LINEAR_NAMES
+    target_modules: tuple | str = "all-linear"
     rank: int = 64
     adapter_dtype: str = "bfloat16"
     optimizer: str = "paged_adamw_32bit"
@@ -173,15 +174,40 @@ class FinetuneSetup:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {sorted(OPTIMIZERS)}")
         if self.attention not in ("sdpa", "eager"):
             raise ValueError(f"attention must be 'sdpa' or 'eager', got {self.attention!r}")
-        targets = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
-        object.__setattr__(self, "target_modules", targets)
-        unknown = set(targets) - set(LINEAR_NAMES)
+        targets = self.target_modules
+        if targets != "all-linear":
+            targets = (targets,) if isinstance(targets, str) else tuple(targets)
+            object.__setattr__(self, "target_modules", targets)
+        unknown = set() if targets == "all-linear" else set(targets) - set(LINEAR_NAMES)
         if unknown:
             raise ValueError(f"unknown target modules {sorted(unknown)}; expected names from {LINEAR_NAMES}")
         if not targets and not self.full_finetune:
             raise ValueError("target_modules is empty: nothing would train")
         if self.full_finetune and self.quant_type is not None:
             raise ValueError("full fine-tuning trains the base weights, which cannot stay 4-bit: set quant_type=None")
+
+    def targets(self, model: ModelShape) -> tuple:
+        """The adapted linear layers of ``model``, in forward order (empty for full fine-tuning).
+
+        Raises
+        ------
+        ValueError
+            If a named target is not a linear layer of ``model``.
+
+        Examples
+        --------
+        >>> FinetuneSetup().targets(model_shape("phi-2"))
+        ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj')
+        """
+        if self.full_finetune:
+            return ()
+        layers = model.linear_layers()
+        if self.target_modules == "all-linear":
+            return tuple(layers)
+        missing = set(self.target_modules) - set(layers)
+        if missing:
+            raise ValueError(f"model {model.name!r} has no linear layers {sorted(missing)} (its MLP is {model.mlp!r})")
+        return tuple(n for n in layers if n in self.target_modules)
 
 
 @dataclass(frozen=True)
@@ -255,7 +281,8 @@ class MemoryBreakdown:
                          f"{100.0 * self.resident_bytes / total:.1f}%", ""])
         s = self.setup
         base = f"{s.quant_type}, block {s.blocksize}, double quant {'on' if s.double_quant else 'off'}" if s.quant_type else f"{s.base_dtype}"
-        train = "full fine-tune" if s.full_finetune else f"LoRA r={s.rank} on {','.join(s.target_modules)}"
+        where = "all linear layers" if s.target_modules == "all-linear" else ",".join(s.targets(self.model))
+        train = "full fine-tune" if s.full_finetune else f"LoRA r={s.rank} on {where}"
         title = (f"{self.model.name}: {self.base_parameters:,} parameters ({base}); {train}, "
                  f"{self.trainable_parameters:,} trainable; {s.optimizer}; batch {s.batch_size} x {s.seq_len} tokens, "
                  f"checkpointing {'on' if s.gradient_checkpointing else 'off'}")
@@ -349,11 +376,8 @@ def _trainable_tensors(model: ModelShape, setup: FinetuneSetup) -> list:
         tensors += [(model.vocab_size * model.hidden_size, setup.base_dtype)] * (1 if model.tie_embeddings else 2)
         return tensors
     layers = model.linear_layers()
-    missing = set(setup.target_modules) - set(layers)
-    if missing:
-        raise ValueError(f"model {model.name!r} has no linear layers {sorted(missing)} (its MLP is {model.mlp!r})")
     tensors = []
-    for name in setup.target_modules:
+    for name in setup.targets(model):
         out_features, in_features = layers[name]
         tensors += [(setup.rank * in_features, setup.adapter_dtype), (out_features * setup.rank, setup.adapter_dtype)] * model.num_layers
     return tensors

@@ -86,7 +86,7 @@ def layer_activation_terms(model, setup) -> list:
     h, i, r, s = model.hidden_size, model.intermediate_size, setup.rank, setup.seq_len
     layers = model.linear_layers()
     q_dim, kv_dim = layers["q_proj"][0], layers["k_proj"][0]
-    adapted = set() if setup.full_finetune else set(setup.target_modules)
+    adapted = set(setup.targets(model))
     keeps_input = set(layers) if setup.full_finetune else adapted
     norm_stats = NORMS[model.norm][1] * _FLOAT32
     terms = []

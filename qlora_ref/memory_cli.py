@@ -35,14 +35,14 @@ _SHAPE_FLAGS = (
 )
 #: Names accepted by --targets besides a comma-separated list.
 _TARGET_SETS = {
-    "all": LINEAR_NAMES,
+    "all": "all-linear",
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qv": ("q_proj", "v_proj"),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
 }
 
 
-def _targets(text: str) -> tuple:
+def _targets(text: str):
     if text in _TARGET_SETS:
         return _TARGET_SETS[text]
     return tuple(t.strip() for t in text.split(",") if t.strip())
