@@ -40,6 +40,7 @@ Note: merging into a 4-bit base
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -255,7 +256,8 @@ def merge_error(packed, state: QuantState, A, B, scaling) -> dict:
         - ``update_rms``: the RMS of ``s B A``, the thing being merged;
         - ``relative_to_update``: ``||E||_F / ||s B A||_F`` (NaN when the update is zero): above
           about 1, merging replaces the adapter's contribution by noise of larger size;
-        - ``codes_changed``: the fraction of 4-bit codes that differ from the base's.
+        - ``codes_changed``: the fraction of weights whose code now names a different codebook
+          value (FP4's two zeros count as one value).
 
     Raises
     ------
@@ -289,13 +291,16 @@ def merge_error(packed, state: QuantState, A, B, scaling) -> dict:
     update_norm = float(np.linalg.norm(update))
     error_norm = float(np.linalg.norm(E))
     n = state.numel
-    changed = int((unpack_4bit(packed, n) != unpack_4bit(new_packed, n)).sum())
+    # Compare codebook values, not code numbers: FP4's two zeros (codes 0 and 8) are one value.
+    old_values = state.code[unpack_4bit(packed, n)]
+    new_values = new_state.code[unpack_4bit(new_packed, n)]
+    changed = int((old_values != new_values).sum())
     return {
         "max_abs": float(np.abs(E).max()),
         "mean_abs": float(np.abs(E).mean()),
-        "rms": error_norm / np.sqrt(n),
+        "rms": error_norm / math.sqrt(n),
         "relative": error_norm / exact_norm if exact_norm > 0 else 0.0,
-        "update_rms": update_norm / np.sqrt(n),
+        "update_rms": update_norm / math.sqrt(n),
         "relative_to_update": error_norm / update_norm if update_norm > 0 else float("nan"),
         "codes_changed": changed / n,
     }
