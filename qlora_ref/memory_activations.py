@@ -49,7 +49,7 @@ Note: activations kept for backward
 
 from __future__ import annotations
 
-from qlora_ref.model_shapes import NORMS
+from qlora_ref.model_shapes import NORMS, ModelShape
 from qlora_ref.state import INPUT_DTYPES
 
 __all__ = ["layer_activation_terms", "activation_items", "korthikanti_activation_bytes"]
@@ -136,6 +136,10 @@ def layer_activation_terms(model, setup) -> list:
     return terms
 
 
+def _item(name: str, category: str, nbytes: int, note: str = "") -> tuple:
+    return (name, category, nbytes, note)
+
+
 def activation_items(model, setup) -> list:
     """Activation and transient-peak items of a fine-tuning step.
 
@@ -158,34 +162,30 @@ def activation_items(model, setup) -> list:
     items = []
     if setup.gradient_checkpointing:
         items.append(_item("decoder layer inputs (checkpoints)", "activations", model.num_layers * tokens * h * c,
-                                note=f"{model.num_layers} layers x {h} values"))
+                           note=f"{model.num_layers} layers x {h} values"))
     else:
         items.append(_item("decoder layers: tensors kept for backward", "activations",
-                                model.num_layers * tokens * layer_bytes, note=f"{layer_bytes} bytes per token per layer"))
+                           model.num_layers * tokens * layer_bytes, note=f"{layer_bytes} bytes per token per layer"))
     final = h * _FLOAT32 + NORMS[model.norm][1] * _FLOAT32
-    if setup.full_finetune:  # norm weight, head weight and embedding gradients need these
-        final += 2 * h * c + _INT64
+    if setup.full_finetune:  # the gradients of the head (its input) and the embeddings (the ids)
+        final += h * c + _INT64 + (h * c if model.norm == "rmsnorm" else 0)  # and the final norm's weight
     items.append(_item("final norm input", "activations", tokens * final))
     logits = v * c + (v * _FLOAT32 if c != _FLOAT32 else 0)
     items.append(_item("logits and labels", "activations", tokens * (logits + _INT64),
-                            note=f"{setup.compute_dtype} + float32 for the loss" if c != _FLOAT32 else "float32"))
+                       note=f"{setup.compute_dtype} + float32 for the loss" if c != _FLOAT32 else "float32"))
     items.append(_item("RoPE cos/sin", "activations", 2 * setup.seq_len * model.head_dim * c))
 
     logits_grad = tokens * (v * _FLOAT32 + (v * c if c != _FLOAT32 else 0))
     recompute = tokens * layer_bytes if setup.gradient_checkpointing else 0
     dequantized = 0
     if setup.quant_type is not None:
-        dequantized = max(o * i for o, i in model.linear_layers().values()) * c
+        dequantized = max(out_f * in_f for out_f, in_f in model.linear_layers().values()) * c
     if recompute + dequantized > logits_grad:
         what = "one recomputed layer + one dequantized weight" if recompute else "one dequantized weight"
         items.append(_item("backward peak: " + what, "transient", recompute + dequantized))
     else:
         items.append(_item("backward peak: gradient of the logits", "transient", logits_grad))
     return items
-
-
-def _item(name, category, nbytes, note=""):
-    return (name, category, nbytes, note)
 
 
 def korthikanti_activation_bytes(model: ModelShape, *, batch_size: int, seq_len: int) -> int:

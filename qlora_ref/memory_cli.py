@@ -36,6 +36,7 @@ _SHAPE_FLAGS = (
 #: Names accepted by --targets besides a comma-separated list.
 _TARGET_SETS = {
     "all": "all-linear",
+    "all-linear": "all-linear",
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qv": ("q_proj", "v_proj"),
     "mlp": ("gate_proj", "up_proj", "down_proj"),

@@ -300,6 +300,20 @@ def test_activation_bytes_equal_autograd_saved_tensors(tiny_checkpoints, targets
     assert measured == expected
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_full_finetune_activation_bytes_equal_autograd_saved_tensors(attention):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config, arch = _tiny_configs()["llama"]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(torch.bfloat16)
+    model.train()  # every parameter trains: linear inputs, normalized norm inputs, head input, ids are kept
+    measured = _saved_activation_bytes(model, 2, 24, config.vocab_size)
+    setup = FinetuneSetup(quant_type=None, full_finetune=True, batch_size=2, seq_len=24, gradient_checkpointing=False,
+                          attention=attention, norm_dtype="bfloat16")
+    assert measured == estimate_memory(shape_from_config("llama", config.to_dict(), arch), setup).category_bytes("activations")
+
+
 def test_activations_against_korthikanti_formula():
     # A GPT layer (LayerNorm, plain MLP with i = 4h, multi-head attention), fully fine-tuned:
     # Korthikanti et al. count 34 s b h + 5 a s^2 b bytes. This model counts 36 h per token plus
