@@ -21,6 +21,7 @@ from qlora_ref.bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from qlora_ref.double_quant import dequantize_absmax, double_quantize, dynamic_map
 from qlora_ref.dora import dora_backward, dora_forward, dora_merge, dora_weight_norm
 from qlora_ref.lora import lora_backward, lora_forward, lora_init, lora_merge, lora_scaling, lora_unmerge
+from qlora_ref.memory import FinetuneSetup, ModelShape, estimate_memory, model_shape
 from qlora_ref.qlora import merge_error, merge_into_4bit, qlora_backward, qlora_base_weight, qlora_forward
 from qlora_ref.quantize import dequantize_4bit, pack_4bit, quantize_4bit, unpack_4bit
 from qlora_ref.state import NestedAbsmax, QuantState
