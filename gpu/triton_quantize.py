@@ -42,7 +42,7 @@ TILE_ELEMENTS = 2048
 
 @triton.jit
 def quantize_4bit_kernel(
-    x_ptr,  # (n,) float32 / float16 / bfloat16, the flat input
+    x_ptr,  # (n,) float32 / float16, or int16 holding bfloat16 bits (BF16_BITS), the flat input
     mid_ptr,  # (15,) float32, sorted midpoints of the codebook
     order_ptr,  # (16,) int32, code of each sorted position
     packed_ptr,  # ((n + 1) // 2,) uint8, output
@@ -52,6 +52,7 @@ def quantize_4bit_kernel(
     BLOCKSIZE: tl.constexpr,
     ROWS: tl.constexpr,
     ZERO_CODE: tl.constexpr,
+    BF16_BITS: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per block
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
@@ -60,7 +61,13 @@ def quantize_4bit_kernel(
     offs = rows[:, None, None] * BLOCKSIZE + pair[None, :, None] * 2 + nibble[None, None, :]  # (ROWS, HALF, 2)
     # Contiguous, coalesced load; elements past n read as 0, so they take the zero code, which
     # is exactly the pad nibble of an odd count, and never raise a block's absmax.
-    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    if BF16_BITS:
+        # bfloat16 is the high half of a float32: widen the bits (exact for subnormals too; the
+        # interpreter's own bf16 -> f32 cast flushes bf16 subnormals to zero).
+        bits = tl.load(x_ptr + offs, mask=offs < n, other=0).to(tl.uint16).to(tl.uint32) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)  # (ROWS,) float32
     reciprocal = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), absmax)  # inf for a zero block
     s = x * reciprocal[:, None, None]
@@ -123,6 +130,9 @@ def quantize_4bit_triton(t: torch.Tensor, blocksize: int, quant_type: str):
     (['0xf0', '0x7c'], [1.0])
     """
     x = t.reshape(-1).contiguous()
+    bf16_bits = x.dtype == torch.bfloat16
+    if bf16_bits:
+        x = x.view(torch.int16)
     n = x.numel()
     n_blocks = -(-n // blocksize)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
@@ -133,7 +143,8 @@ def quantize_4bit_triton(t: torch.Tensor, blocksize: int, quant_type: str):
         quantize_4bit_kernel[grid](
             x, tables.midpoints(quant_type, x.device), tables.sorted_codes(quant_type, x.device).to(torch.int32),
             packed, absmax, n, n_blocks,
-            BLOCKSIZE=blocksize, ROWS=rows, ZERO_CODE=tables.ZERO_CODES[quant_type], enable_fp_fusion=False,
+            BLOCKSIZE=blocksize, ROWS=rows, ZERO_CODE=tables.ZERO_CODES[quant_type], BF16_BITS=bf16_bits,
+            enable_fp_fusion=False,
         )
     return packed.reshape(-1, 1), absmax
 

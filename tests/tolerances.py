@@ -47,19 +47,22 @@ def assert_bit_equal(actual, expected, what: str = "values") -> None:
         )
 
 
-def derived_budget(ref64, baseline, *, ulps: float = 4.0, dtype=None) -> float:
+def derived_budget(ref64, baseline, *, ulps: float = 4.0, dtype=None, scale=None) -> float:
     """Budget of the derived tier: 2x the baseline's max error against ``ref64`` plus a few ulp.
 
     ``baseline`` is the same computation done plainly in the low precision (for example a plain
     torch matmul in bfloat16); ``ulps`` units of that dtype's epsilon, scaled by the reference's
-    largest magnitude, cover the final rounding of the result.
+    largest magnitude, cover the final rounding of the result. ``scale`` replaces that magnitude
+    for reductions whose result can cancel: pass the size of the terms (for ``x W^T``, the
+    largest entry of ``|x| |W|^T``), since a different summation order errs in proportion to them.
     """
     r = np.asarray(_as_numpy(ref64), dtype=np.float64)
     b = np.asarray(_as_numpy(baseline), dtype=np.float64)
     import ml_dtypes  # its finfo knows bfloat16 as well as NumPy's dtypes
 
     eps = float(ml_dtypes.finfo(dtype if dtype is not None else np.float64).eps)
-    scale = float(np.max(np.abs(r))) if r.size else 0.0
+    if scale is None:
+        scale = float(np.max(np.abs(r))) if r.size else 0.0
     if r.size == 0:
         return 0.0
     return 2.0 * float(np.max(np.abs(b - r))) + ulps * eps * scale
@@ -87,9 +90,10 @@ def assert_within(actual, ref64, budget: float, what: str = "values") -> None:
         )
 
 
-def assert_derived(actual, ref64, baseline, *, ulps: float = 4.0, dtype=None, what: str = "values") -> None:
+def assert_derived(actual, ref64, baseline, *, ulps: float = 4.0, dtype=None, what: str = "values",
+                   scale=None) -> None:
     """The derived tier: error against ``ref64`` at most 2x ``baseline``'s error plus ``ulps``."""
-    assert_within(actual, ref64, derived_budget(ref64, baseline, ulps=ulps, dtype=dtype), what)
+    assert_within(actual, ref64, derived_budget(ref64, baseline, ulps=ulps, dtype=dtype, scale=scale), what)
 
 
 def assert_bit_equal_or_both_nan(actual, expected, what: str = "values") -> None:
