@@ -243,7 +243,10 @@ def lora_init(in_features, out_features, r, *, rng, scheme: str = "kaiming", dty
     _check_rank(r, in_features, out_features)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    out_dtype = np.dtype(dtype)
+    try:
+        out_dtype = np.dtype(dtype)
+    except TypeError:
+        out_dtype = None
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype {dtype!r} is not float16, bfloat16, float32 or float64")
     if scheme == "kaiming":
