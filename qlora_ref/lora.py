@@ -247,7 +247,7 @@ def lora_init(in_features, out_features, r, *, rng, scheme: str = "kaiming", dty
         out_dtype = np.dtype(dtype)
     except TypeError:
         out_dtype = None
-    if out_dtype not in _FLOAT_DTYPES:
+    if out_dtype is None or out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype {dtype!r} is not float16, bfloat16, float32 or float64")
     if scheme == "kaiming":
         bound = 1.0 / math.sqrt(in_features)  # gain sqrt(1/3) (a = sqrt(5)) times sqrt(3 / fan_in)

@@ -421,6 +421,7 @@ BAD_CALLS = {
     "rank 0 in lora_scaling": (lambda x, W, A, B: lora_scaling(8, 0), ValueError, "rank r is 0"),
     "rank above min(in, out) in lora_init": (lambda x, W, A, B: lora_init(5, 2, 3, rng=np.random.default_rng()), ValueError, "larger than min"),
     "a seed instead of a Generator": (lambda x, W, A, B: lora_init(5, 4, 2, rng=0), TypeError, "Generator"),
+    "unknown dtype name in lora_init": (lambda x, W, A, B: lora_init(5, 4, 2, rng=np.random.default_rng(), dtype="foo"), TypeError, "dtype 'foo'"),
     "unknown init scheme": (lambda x, W, A, B: lora_init(5, 4, 2, rng=np.random.default_rng(), scheme="pissa"), ValueError, "unknown scheme"),
     "merge with mismatched B": (lambda x, W, A, B: lora_merge(W, A, B.T, 1.0), ValueError, "B has shape"),
     "DoRA magnitude of the wrong shape": (lambda x, W, A, B: dora_forward(x, W, A, B, np.ones(3), scaling=1.0), ValueError, "magnitude"),
