@@ -356,6 +356,20 @@ def test_merging_a_zero_update_into_4bit_changes_nothing(quant_type):
     assert math.isnan(report["relative_to_update"])
 
 
+def test_merging_into_the_torchao_scheme_keeps_the_scheme():
+    """torchao's NF4 scheme quantizes in the layer's dtype: the merge re-quantizes from it."""
+    import ml_dtypes
+
+    W = np.random.default_rng(0).standard_normal((128, 128)).astype(ml_dtypes.bfloat16)  # 64 * 256 blocks
+    packed, state = quantize_4bit(W, blocksize=64, double_quant="torchao")
+    p2, s2 = merge_into_4bit(packed, state, np.ones((2, 128)), np.zeros((128, 2)), 1.0)
+    assert (s2.dtype, s2.nested.scheme) == ("bfloat16", "torchao")
+    assert_bit_equal(dequantize_4bit(p2, s2), dequantize_4bit(packed, state), "torchao weights after B = 0")
+    report = merge_error(packed, state, np.full((2, 128), 0.1), np.full((128, 2), 0.1), 1.0)
+    # The update, 0.02 everywhere, is below half of NF4's smallest step (0.04 absmax) in every block.
+    assert report["codes_changed"] == 0.0
+
+
 @given(st.sampled_from(["nf4", "fp4"]), st.booleans(), st.sampled_from([32, 64, 128]),
        st.sampled_from(["float32", "bfloat16"]), st.floats(1e-3, 1.0), st.integers(0, 2**32 - 1))
 @settings(max_examples=20)
