@@ -33,7 +33,9 @@ def cast_rne(y, dtype: tl.constexpr):
     For bfloat16 the rounding is done on the bits, because Triton's interpreter truncates a
     float32 -> bfloat16 cast instead of rounding it (triton 3.9, ``cast_impl``); on a GPU the
     integer form costs three ALU operations per element and gives the same bits as
-    ``cvt.rn.bf16.f32`` for every finite value (the kernels never see NaN).
+    ``cvt.rn.bf16.f32`` for every finite value and for the default NaN that ``0 * inf`` makes
+    (a decoded all-zero block whose double-quantized absmax overflowed); a NaN whose payload
+    sits only in the low 16 bits would become inf, and no kernel here makes one.
     """
     if dtype == tl.bfloat16:
         bits = y.to(tl.uint32, bitcast=True)

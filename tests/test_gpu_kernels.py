@@ -35,7 +35,7 @@ from qlora_gpu.triton_matmul import MatmulConfig, bytes_moved_matmul, default_co
 from qlora_ref.quantize import blockwise_absmax  # noqa: E402
 from strategies import hard_arrays, quant_types  # noqa: E402
 from test_gpu_quantize import assert_states_equal, quantize_cases  # noqa: E402
-from tolerances import assert_bit_equal, assert_derived  # noqa: E402
+from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan, assert_derived  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [
@@ -72,7 +72,9 @@ def test_dequantize_kernel_matches_oracle(device, case, out):
                                             double_quant=double_quant)
     state = G.QuantState.from_oracle(state_ref, device)
     y = G.dequantize_4bit(tensor_from_numpy(packed_ref, device), state, dtype=out, backend="triton")
-    assert_bit_equal(y, R.dequantize_4bit(packed_ref, state_ref, dtype=out), f"decoded {out}")
+    # Double-quantized absmax of values near the float32 maximum can overflow (offset + code *
+    # nested absmax), and 0 * inf is NaN: positions must agree, NaN payloads are runtime noise.
+    assert_bit_equal_or_both_nan(y, R.dequantize_4bit(packed_ref, state_ref, dtype=out), f"decoded {out}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -23,7 +23,7 @@ from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy  # noqa: E402
 from qlora_ref.quantize import _sorted_midpoints, blockwise_absmax  # noqa: E402
 from qlora_ref.state import BLOCKSIZES  # noqa: E402
 from strategies import hard_arrays, non_finite_arrays, quant_types  # noqa: E402
-from tolerances import assert_bit_equal  # noqa: E402
+from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan  # noqa: E402
 
 DEVICES = [
     "cpu",
@@ -82,7 +82,9 @@ def test_dequantize_matches_oracle(device, case, out):
                                             double_quant=double_quant)
     state = G.QuantState.from_oracle(state_ref, device)
     y = G.dequantize_4bit(tensor_from_numpy(packed_ref, device), state, dtype=out, backend="torch")
-    assert_bit_equal(y, R.dequantize_4bit(packed_ref, state_ref, dtype=out), f"decoded {out}")
+    # Double-quantized absmax of values near the float32 maximum can overflow (offset + code *
+    # nested absmax), and 0 * inf is NaN: positions must agree, NaN payloads are runtime noise.
+    assert_bit_equal_or_both_nan(y, R.dequantize_4bit(packed_ref, state_ref, dtype=out), f"decoded {out}")
     default = G.dequantize_4bit(tensor_from_numpy(packed_ref, device), state, backend="torch")
     assert default.dtype == G.state.DTYPES[state_ref.dtype]
 
