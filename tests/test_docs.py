@@ -40,12 +40,17 @@ def _load_script(name: str):
     return module
 
 
-def test_quantization_tables_are_generated():
-    """The committed tables equal what the script makes now (nothing typed by hand)."""
-    script = _load_script("quantization_pages")
-    for name, make in script.GENERATED.items():
-        committed = (ROOT / "docs" / "generated" / name).read_text()
-        assert committed == make(), f"docs/generated/{name} is stale: run docs/scripts/quantization_pages.py"
+SCRIPTS = sorted(p.stem for p in (ROOT / "docs" / "scripts").glob("*.py")
+                 if "GENERATED = {" in p.read_text())
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_generated_tables_are_current(name):
+    """The committed tables equal what their script makes now (nothing typed by hand)."""
+    script = _load_script(name)
+    for file_name, make in script.GENERATED.items():
+        committed = (ROOT / "docs" / "generated" / file_name).read_text()
+        assert committed == make(), f"docs/generated/{file_name} is stale: run docs/scripts/{name}.py"
 
 
 @pytest.mark.skipif(shutil.which("mkdocs") is None and importlib.util.find_spec("mkdocs") is None,
