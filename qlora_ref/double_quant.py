@@ -9,6 +9,15 @@ Pairs with ``qlora_ref.quantize`` (which calls it when ``double_quant`` is set) 
 ``qlora_ref.torchao_scheme`` (torchao's int8 linear alternative). Fast pair:
 ``qlora_gpu.double_quantize``.
 
+Note: resolution of the nested level
+    The dynamic map's resolution is relative to the nested block's largest ``|absmax - offset|``,
+    so a block of small absmax next to an outlier block (in the same 256 constants) is decoded
+    with an error of order ``gap * max|absmax - offset|``, which can exceed the absmax itself: the
+    decoded absmax can even be negative, flipping the signs of that block's decoded weights. This
+    is the format, not a defect of the oracle: bitsandbytes decodes the same state to the same
+    values (for example an absmax of 1e6 among 255 absmax values of 0.01 to 300: the small ones
+    decode to about -21.5).
+
 Note: nested encoding rule
     Each constant takes the EXACT nearest entry of the dynamic map (distances compared in
     float64, where float32 differences are exact); an exact tie takes the lower entry. This is
@@ -210,4 +219,5 @@ def dequantize_absmax(nested: NestedAbsmax) -> np.ndarray:
         raise ValueError("the nested code map must have 256 entries")
     table = nested.code.astype(np.float32)
     scale = np.repeat(nested.absmax.astype(np.float32), nested.blocksize)[: codes.size]
-    return (table[codes] * scale) + np.float32(nested.offset)
+    with np.errstate(over="ignore"):  # a sum beyond float32's range is inf, as in bitsandbytes
+        return (table[codes] * scale) + np.float32(nested.offset)

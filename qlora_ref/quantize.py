@@ -13,7 +13,10 @@ Note: quantization semantics
        a value exactly on a midpoint takes the LOWER entry.
     5. Zero always encodes as the codebook's zero code: an all-zero block stores absmax 0 and
        the zero code everywhere (``0 * inf`` would be NaN), and so do zeros in a block whose
-       absmax is so small that its float32 reciprocal overflows.
+       absmax is so small that its float32 reciprocal overflows (absmax below 2^-128, about
+       2.9e-39: float32 or bfloat16 subnormals). In such a block every nonzero value scales to
+       +-inf and takes the end code of its sign, which decodes to +-absmax (bitsandbytes' CUDA
+       kernel does the same; its CPU path clamps the absmax to 1e-38 first).
     6. Packing: byte ``k = (code[2k] << 4) | code[2k+1]``; the first element is in the HIGH
        nibble; an odd count pads the last low nibble with the zero code.
     7. Decoding: ``y = float32(CODE[code] * absmax[b])``, then round-to-nearest-even into the
@@ -114,6 +117,10 @@ def encode_4bit(x_flat: np.ndarray, absmax: np.ndarray, blocksize: int, quant_ty
     # side="left": the number of midpoints strictly below s, so a tie takes the lower entry.
     position = np.searchsorted(midpoints, s, side="left")
     codes = order[position].astype(np.uint8)
+    if quant_type == "int4":
+        # Code 15 repeats 1.0 only to keep the INT4 table sorted; an s just above 1 (the
+        # reciprocal's rounding) would select it, and the format never emits it.
+        np.minimum(codes, 14, out=codes)
     codes[x_flat == 0] = zero_code(quant_type)  # step 5: zero is zero, whatever the block
     return codes
 
@@ -284,10 +291,13 @@ def decode_4bit(codes: np.ndarray, absmax: np.ndarray, blocksize: int, table: np
     values = table.astype(np.float32)[codes]  # (n,) float32
     out = np.empty(n, dtype=np.float32)
     # Multiply block by block through a (n_blocks, blocksize) view: no repeated absmax array.
-    np.multiply(values[: n_full * blocksize].reshape(n_full, blocksize), absmax[:n_full, None],
-                out=out[: n_full * blocksize].reshape(n_full, blocksize))
-    if n % blocksize:
-        np.multiply(values[n_full * blocksize :], absmax[n_full], out=out[n_full * blocksize :])
+    # An infinite absmax (a double-quantized one can overflow) times a zero code is NaN, as in
+    # bitsandbytes.
+    with np.errstate(invalid="ignore"):
+        np.multiply(values[: n_full * blocksize].reshape(n_full, blocksize), absmax[:n_full, None],
+                    out=out[: n_full * blocksize].reshape(n_full, blocksize))
+        if n % blocksize:
+            np.multiply(values[n_full * blocksize :], absmax[n_full], out=out[n_full * blocksize :])
     return out
 
 
