@@ -1,0 +1,9 @@
+"""The benchmark suite of qlora-ref (``pytest benchmarks/``; on a GPU ``python -m benchmarks.run_gpu``).
+
+Modules: ``adapters`` (each registry provider's native calls), ``cases`` (what is timed, its
+check against the oracle, its bytes and FLOPs), ``checks`` (the comparisons), ``ceilings`` (a
+copy and a matmul measured in the same run), ``memory_model`` (stored bytes and one layer's
+memory), ``timing`` (timers), ``results`` (the JSON format), ``run_gpu`` (the GPU script), and
+the pytest cases ``test_*.py``. ``docs/scripts/benchmark_pages.py`` turns the JSON into
+``docs/benchmarks.md``; ``qlora-ref bench`` runs the suite and prints a summary.
+"""

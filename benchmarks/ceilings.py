@@ -1,0 +1,96 @@
+"""Ceilings measured on the machine that runs the cases, in the same run: a copy and a matmul.
+
+PERF.md: a percentage of a ceiling is only meaningful against the same machine at the same
+moment, so every results file carries its own ceilings and every rate in it is divided by them.
+Used by ``benchmarks/conftest.py`` (CPU, once per pytest session) and ``benchmarks/run_gpu.py``.
+
+Note: the ceilings
+    - copy: ``dst.copy_(src)`` of a large uint8 buffer (256 MiB on CPU, 1 GiB on CUDA, far
+      beyond any cache); bytes moved = read + written = ``2 * nbytes``. It is the ceiling of
+      every memory-bound case (decode, the small-batch product): a kernel that reads R bytes and
+      writes W bytes needs at least ``(R + W) / copy_bandwidth``.
+    - matmul: ``a @ b`` of square matrices in the compute dtype (bf16 on CUDA, 8192; float32
+      on CPU, 2048), ``2 n^3`` floating-point operations. It is the ceiling of the layer's
+      forward and backward. On CPU a small bfloat16 matmul is measured as well, only to record
+      how slow bfloat16 is on a CPU without AVX-512 BF16 (the reason the CPU layer cases compute
+      in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.timing import Timing, time_cpu, time_cuda_interleaved
+
+__all__ = ["measure_copy", "measure_matmul", "measure_ceilings", "COPY_BYTES", "MATMUL_SIZE"]
+
+#: Bytes of the copied buffer, per device type.
+COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
+#: (n, dtype) of the square matmul ceiling, per device type.
+MATMUL_SIZE = {"cpu": (2048, torch.float32), "cuda": (8192, torch.bfloat16)}
+
+
+def _time(fn, device: torch.device, repeat: int) -> Timing:
+    if device.type == "cuda":
+        return time_cuda_interleaved({"f": fn}, reps=repeat, warmup=2)["f"]
+    return time_cpu(fn, repeat=repeat, warmup=1)
+
+
+def measure_copy(device, nbytes: int | None = None, *, repeat: int = 7) -> dict:
+    """Measure the bandwidth of a large device-to-device copy.
+
+    Returns
+    -------
+    dict
+        ``{"nbytes", "bytes_moved", "timing", "gbps"}`` with ``gbps = 2 * nbytes / median``
+        (read plus written, Note: the ceilings).
+
+    Examples
+    --------
+    >>> c = measure_copy("cpu", 2**20, repeat=2)
+    >>> c["bytes_moved"] == 2 * 2**20 and c["gbps"] > 0
+    True
+    """
+    device = torch.device(device)
+    nbytes = int(nbytes or COPY_BYTES[device.type])
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = _time(lambda: dst.copy_(src), device, repeat)
+    bytes_moved = 2 * nbytes  # read src + write dst
+    return {"nbytes": nbytes, "bytes_moved": bytes_moved, "timing": timing.as_dict(),
+            "gbps": bytes_moved / timing.median_s / 1e9}
+
+
+def measure_matmul(device, n: int | None = None, dtype=None, *, repeat: int = 5) -> dict:
+    """Measure the rate of a square matmul ``(n, n) @ (n, n)`` in ``dtype``.
+
+    Returns
+    -------
+    dict
+        ``{"n", "dtype", "flops", "timing", "tflops"}`` with ``flops = 2 n^3``.
+
+    Examples
+    --------
+    >>> m = measure_matmul("cpu", 64, torch.float32, repeat=2)
+    >>> m["flops"] == 2 * 64**3 and m["dtype"] == "float32"
+    True
+    """
+    device = torch.device(device)
+    default_n, default_dtype = MATMUL_SIZE[device.type]
+    n, dtype = int(n or default_n), dtype or default_dtype
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    timing = _time(lambda: a @ b, device, repeat)
+    flops = 2 * n**3  # n^2 outputs, n multiply-adds each
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops": flops, "timing": timing.as_dict(),
+            "tflops": flops / timing.median_s / 1e12}
+
+
+def measure_ceilings(device) -> dict:
+    """All ceilings of a device (Note: the ceilings): ``{"copy": ..., "matmul": ..., ...}``."""
+    device = torch.device(device)
+    ceilings = {"copy": measure_copy(device), "matmul": measure_matmul(device)}
+    if device.type == "cpu":
+        ceilings["matmul_bfloat16"] = measure_matmul(device, 256, torch.bfloat16, repeat=3)
+    return ceilings
