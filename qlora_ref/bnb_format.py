@@ -279,13 +279,13 @@ def from_bnb_state_dict(d: Mapping) -> tuple[np.ndarray, QuantState]:
         return packed, QuantState(**common, absmax=absmax.copy())
 
     nbs = meta["nested_blocksize"]
-    codes = _array(d, "weight.absmax", np.uint8, (n_blocks,))
     nested_absmax = _array(d, "weight.nested_absmax", np.float32, (-(-n_blocks // nbs),))
     if not (np.all(np.isfinite(nested_absmax)) and np.all(nested_absmax >= 0)):
         raise ValueError("'weight.nested_absmax' holds negative, NaN or Inf values")
     nested_map = _array(d, "weight.nested_quant_map", np.float32, (256,))
     if not np.all(np.isfinite(nested_map)):
         raise ValueError("'weight.nested_quant_map' holds NaN or Inf values")
+    codes = _array(d, "weight.absmax", np.uint8, (n_blocks,))
     state = QuantState(**common, nested=NestedAbsmax(
         scheme="bnb", codes=codes.copy(), absmax=nested_absmax.copy(), code=nested_map.copy(),
         offset=np.float32(meta["nested_offset"]), blocksize=nbs,
