@@ -17,6 +17,7 @@ COMMANDS = (
     "qlora_ref.memory_cli",
     "qlora_ref.check",
     "qlora_ref.vectors",
+    "qlora_ref.inspect_cli",
 )
 
 
