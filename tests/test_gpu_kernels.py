@@ -196,3 +196,12 @@ def test_bytes_moved_are_the_documented_ceilings():
     assert round(bytes_moved_dequantize(_empty_state((4096, 14336), double_quant=False), torch.bfloat16) / n, 4) == 2.5625
     assert round(state.bits_per_parameter, 3) == 4.127
     assert abs(bytes_moved_matmul(state, 1, torch.bfloat16) / n - 0.516) < 0.001
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no CUDA")
+def test_cuda_check_says_it_needs_cuda(tmp_path, capsys):
+    from qlora_gpu.cuda_check import main
+
+    assert main(["--out", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
