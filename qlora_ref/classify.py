@@ -31,9 +31,12 @@ Note: difference classes
 
     - ``all-zero nested block``: the nested block's absmax is 0, every code decodes to 0.
     - ``tie on a midpoint``: as above, for the dynamic map.
-    - ``approximate lookup table``: adjacent codes, and the scaled value lies within one cell
-      (``2 / 65536``) of their midpoint: bitsandbytes' CPU path (0.50) finds the entry through a
-      65536-entry lookup table and compares float32 distances to the two candidates.
+    - ``approximate lookup table``: the other entry is at most two lookup-table cells
+      (``w = 2 / 65536``) farther from the scaled value ``s`` than the nearest entry.
+      bitsandbytes' CPU path (0.50) finds the entry through a 65536-entry table over [-1, 1]:
+      its pick is the nearest entry to some point ``p`` in the cell of ``s`` (``|p - s| <= w``),
+      so ``|s - other| <= |s - p| + |p - nearest| <= 2 w + |s - nearest|``. Near 0, where the
+      dynamic map is denser than the table, it can be several entries away.
 
     The offset (``classify_offset``): ``offset ulp``, a float32 mean within the rounding error
     of a float32 sum in some order (torch's reduction order differs from the correctly rounded
@@ -286,7 +289,8 @@ def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, t
         scaled32 = (v[index] * (np.float32(1) / c.astype(np.float32))).astype(np.float64)  # the oracle's s
     classes[rest & adjacent & (scaled32 == midpoint) & (bi > ai)] = "tie on a midpoint"
     rest = classes == UNCLASSIFIED
-    classes[rest & adjacent & (np.abs(s - midpoint) <= LUT_CELL)] = "approximate lookup table"
+    excess = np.abs(s - t[bi]) - np.abs(s - t[ai])  # how much farther the other entry is
+    classes[rest & (excess <= 2 * LUT_CELL)] = "approximate lookup table"
     return _result("nested codes", v.size, index, classes)
 
 

@@ -64,7 +64,9 @@ FP4_CODEBOOK.flags.writeable = False
 
 # Symmetric uniform INT4 for comparison: code c decodes to (c - 7) / 7, so codes 0..14 span
 # [-1, 1] in 15 even steps with zero at code 7. Code 15 (-8 in two's complement, which symmetric
-# absmax quantization leaves out) repeats 1.0 to keep the table sorted; the encoder never emits it.
+# absmax quantization leaves out) repeats 1.0 to keep the table sorted. The encoder emits it only
+# for a scaled value above 1, which needs an overflowed or subnormal float32 reciprocal (absmax
+# below 2^-128 or above 2^126); it decodes to 1.0 like code 14.
 INT4_CODEBOOK = np.append(
     (np.arange(15, dtype=np.float32) - np.float32(7.0)) / np.float32(7.0), np.float32(1.0)
 ).astype(np.float32)
@@ -117,7 +119,9 @@ def int4_codebook() -> np.ndarray:
     Returns
     -------
     ndarray, shape (16,), float32
-        ``(c - 7) / 7`` for codes 0..14; code 15 repeats 1.0 and is never produced.
+        ``(c - 7) / 7`` for codes 0..14; code 15 repeats 1.0 (the encoder emits it only for a
+        scaled value above 1, from a block whose float32 reciprocal overflows or is subnormal;
+        it decodes like code 14).
 
     Examples
     --------

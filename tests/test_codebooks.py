@@ -114,13 +114,22 @@ def test_fp4_table():
     assert zero_code("fp4") == 0
 
 
-def test_int4_table_and_code_15_is_never_produced():
+def test_int4_table_and_code_15():
     cb = int4_codebook()
     assert_bit_equal(cb[:15], (np.arange(15, dtype=np.float32) - 7) / np.float32(7), "INT4")
     assert cb[15] == 1.0 and zero_code("int4") == 7
-    x = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
-    packed, _ = quantize_4bit(x, blocksize=64, quant_type="int4")
-    assert 15 not in unpack_4bit(packed, x.size)
+    # Code 15 appears exactly where the scaled value x * float32(1 / absmax) exceeds 1: in blocks
+    # whose reciprocal overflows (float32 subnormals) or is subnormal (values near the maximum).
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(64 * 100), rng.uniform(-1, 1, 64 * 50) * 1e-39,
+                        rng.uniform(-1, 1, 64 * 50) * 3e38]).astype(np.float32)
+    packed, state = quantize_4bit(x, blocksize=64, quant_type="int4")
+    codes = unpack_4bit(packed, x.size)
+    with np.errstate(over="ignore"):
+        s = x * np.repeat(np.float32(1) / state.absmax, 64)
+    assert_bit_equal(codes == 15, s > 1, "code 15 where s > 1")
+    assert not np.any(codes[: 64 * 100] == 15), "never for ordinary data"
+    assert np.any(codes[64 * 150 :] == 15), "a subnormal reciprocal can push s above 1"
 
 
 def test_codebook_lookup():

@@ -154,8 +154,10 @@ def _blocks_normal_in(dtype, absmax, quant_type):
 def test_idempotent(case, double_quant):
     """``quantize(dequantize(q)) == q``, exactly, within what the format can promise.
 
-    - float32 decoding: codes and absmax reproduce exactly, except FP4 code 8 (a second zero,
-      produced for tiny positive values), which decodes to 0 and re-encodes as code 0.
+    - float32 decoding: codes and absmax reproduce exactly, except where a codebook holds a
+      value twice: FP4 code 8 (a second zero, produced for tiny positive values) decodes to 0
+      and re-encodes as code 0; INT4 codes 14 and 15 both decode to 1.0 and re-encode as
+      either (compared as one here).
     - decoding to the input dtype (float16/bfloat16): the same, in blocks whose decoded values
       are normal numbers of that dtype; in subnormal blocks the rounding of the decoded values
       is too coarse to keep the codes.
@@ -186,6 +188,8 @@ def test_idempotent(case, double_quant):
                              "absmax after a round trip")
         keep = np.repeat(kept_blocks, blocksize)[: x.size] & _blocks_normal_in(INPUT_DTYPES[out], per_element, quant_type)
         keep |= np.repeat(first_level == 0, blocksize)[: x.size]  # all-zero blocks stay zero codes
+        if quant_type == "int4":
+            codes2, expected = np.minimum(codes2, 14), np.minimum(expected, 14)
         assert_bit_equal(codes2[keep], expected[keep], f"codes after a round trip through {out}")
 
 
