@@ -144,3 +144,27 @@ def torchao_arrays(draw, dtype_name: str | None = None):
     shape = draw(st.sampled_from([(64 * k, 256), (256, 64 * k), (128 * k, 128), (16384 * k,)]))
     pattern = draw(hard_arrays(name, max_elements=2000, blocksize=64)).reshape(-1)
     return np.resize(pattern, int(np.prod(shape))).reshape(shape)
+
+
+# ------------------------------------------------------------------ quantization problems
+
+
+@st.composite
+def quantize_cases(draw, max_elements: int = 1500):
+    """``(x, blocksize, quant_type, double_quant)``: a hard array and options for ``quantize_4bit``.
+
+    Block sizes up to 512 often, any of them sometimes; the array's hard-case blocks follow the
+    drawn block size (capped at 256 so that small arrays still mix several kinds).
+    """
+    blocksize = draw(st.sampled_from(BLOCKSIZES[:5]) | st.sampled_from(BLOCKSIZES))
+    x = draw(hard_arrays(max_elements=max_elements, blocksize=min(blocksize, 256)))
+    return x, blocksize, draw(quant_types), draw(st.booleans())
+
+
+@st.composite
+def absmax_arrays(draw, max_blocks: int = 700):
+    """First-level absmax as quantization makes them: per-block ``max |x|`` of hard float32 data."""
+    from qlora_ref.quantize import blockwise_absmax
+
+    x = draw(hard_arrays(dtype_name="float32", max_elements=max_blocks * 32, blocksize=32))
+    return blockwise_absmax(x.reshape(-1), 32)

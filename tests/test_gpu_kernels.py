@@ -32,9 +32,8 @@ import qlora_ref as R  # noqa: E402
 from qlora_gpu.state import NestedAbsmax, QuantState, tensor_from_numpy  # noqa: E402
 from qlora_gpu.triton_dequantize import bytes_moved_dequantize  # noqa: E402
 from qlora_gpu.triton_matmul import MatmulConfig, bytes_moved_matmul, default_config  # noqa: E402
-from qlora_ref.quantize import blockwise_absmax  # noqa: E402
-from strategies import hard_arrays, quant_types  # noqa: E402
-from test_gpu_quantize import assert_states_equal, quantize_cases  # noqa: E402
+from strategies import absmax_arrays, quant_types, quantize_cases  # noqa: E402
+from test_gpu_quantize import assert_states_equal  # noqa: E402
 from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan, assert_derived  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -92,8 +91,7 @@ def test_dequantize_kernel_rounds_bf16_ties_to_even(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @FEW
-@given(absmax=st.builds(lambda x: blockwise_absmax(x.reshape(-1), 32),
-                        hard_arrays(dtype_name="float32", max_elements=600 * 32, blocksize=32)))
+@given(absmax=absmax_arrays(max_blocks=600))
 @example(absmax=np.zeros(300, np.float32))
 def test_double_quantize_kernel_matches_oracle(device, absmax):
     ref = R.double_quantize(absmax)

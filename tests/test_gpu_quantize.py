@@ -20,9 +20,8 @@ import qlora_gpu as G  # noqa: E402
 import qlora_ref as R  # noqa: E402
 from qlora_gpu import tables  # noqa: E402
 from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy  # noqa: E402
-from qlora_ref.quantize import _sorted_midpoints, blockwise_absmax  # noqa: E402
-from qlora_ref.state import BLOCKSIZES  # noqa: E402
-from strategies import hard_arrays, non_finite_arrays, quant_types  # noqa: E402
+from qlora_ref.quantize import _sorted_midpoints  # noqa: E402
+from strategies import absmax_arrays, non_finite_arrays, quant_types, quantize_cases  # noqa: E402
 from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan  # noqa: E402
 
 DEVICES = [
@@ -47,13 +46,6 @@ def assert_states_equal(fast_state, ref_state):
         assert_bit_equal(s.nested.code, ref_state.nested.code, "nested map")
         assert_bit_equal(np.float32(s.nested.offset), np.float32(ref_state.nested.offset), "offset")
         assert s.nested.blocksize == ref_state.nested.blocksize
-
-
-@st.composite
-def quantize_cases(draw, max_elements=1500):
-    blocksize = draw(st.sampled_from(BLOCKSIZES[:5]) | st.sampled_from(BLOCKSIZES))
-    x = draw(hard_arrays(max_elements=max_elements, blocksize=min(blocksize, 256)))
-    return x, blocksize, draw(quant_types), draw(st.booleans())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -94,13 +86,6 @@ def test_dequantize_float64_is_the_exact_float32_decode():
     packed, state = G.quantize_4bit(torch.from_numpy(x), blocksize=32, double_quant=True)
     y64 = G.dequantize_4bit(packed, state, dtype=torch.float64)
     assert torch.equal(y64, G.dequantize_4bit(packed, state, dtype=torch.float32).double())
-
-
-@st.composite
-def absmax_arrays(draw):
-    """First-level absmax as quantization makes them (hard blocks), 1 to 700 of them."""
-    x = draw(hard_arrays(dtype_name="float32", max_elements=700 * 32, blocksize=32))
-    return blockwise_absmax(x.reshape(-1), 32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
