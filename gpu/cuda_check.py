@@ -160,7 +160,7 @@ def time_kernels(shape, rows_list, device="cuda") -> tuple[dict, list]:
     copy_gbps = 2 * src.numel() * 2 / (copy["time_ms"] * 1e6)
     results["copy"] = {**copy, "bytes": 4 * src.numel(), "gbps": copy_gbps}
     rows.append([f"copy {4 * src.numel() // 2**20} MiB", "-", f"{copy['time_ms']:.4f}", f"{copy_gbps:.0f}", "100%", "-"])
-    del src, dst
+    src = dst = None  # free the copy buffers (1 GiB) before the weights
 
     W = torch.randn(N, K, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0)).to(dev)
     packed, state = quantize_4bit(W, double_quant=True, backend="triton")

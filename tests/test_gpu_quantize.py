@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 import qlora_gpu as G  # noqa: E402
 import qlora_ref as R  # noqa: E402
 from qlora_gpu import tables  # noqa: E402
-from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy  # noqa: E402
+from qlora_gpu.state import tensor_from_numpy  # noqa: E402
 from qlora_ref.quantize import _sorted_midpoints  # noqa: E402
 from strategies import absmax_arrays, non_finite_arrays, quant_types, quantize_cases  # noqa: E402
 from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan  # noqa: E402

@@ -7,7 +7,6 @@ Exact tier throughout: same keys in the same order, same dtypes, shapes and byte
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
