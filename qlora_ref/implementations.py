@@ -214,7 +214,7 @@ def resolve(spec: str) -> Implementation:
         if part and not hasattr(module, part):
             raise ValueError(f"{spec!r}: module {module.__name__} has no attribute {part!r}")
         objs.append(getattr(module, part) if part else None)
-    label = spec if len(spec) <= 40 else "..." + spec[-37:]
+    label = f"{Path(module_part).stem}:{names}" if module_part.endswith(".py") else spec
     if len(objs) == 1 and not inspect.isfunction(objs[0]) and not inspect.isbuiltin(objs[0]):
         obj = objs[0]() if inspect.isclass(objs[0]) else objs[0]
         if hasattr(obj, "available") and hasattr(obj, "supports"):

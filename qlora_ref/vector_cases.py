@@ -107,7 +107,7 @@ def quantize_case(name, x, *, blocksize, quant_type, description, tags) -> Case:
     with np.errstate(over="ignore"):
         absmax_dq = dequantize_absmax(nested)
     if not np.all(np.isfinite(absmax_dq)):
-        description += "; no double-quantized arrays: the reconstructed absmax overflows float32"
+        params["note"] = "no double-quantized arrays: the reconstructed absmax overflows float32"
         return Case(name, "quantize", description, dict(params, double_quant=False), arrays, tags)
     with np.errstate(over="ignore"):  # a float16 decode may round past 65504 to inf, as bnb's does
         decoded_dq = dequantize_4bit(packed, state_dq)
@@ -147,8 +147,8 @@ def _main_cases():
                 yield quantize_case(
                     name, x.reshape(shape).astype(numpy_dtype(dtype)), blocksize=blocksize,
                     quant_type=quant_type, tags=["normal", "odd-length", "partial-block"],
-                    description=f"normal data at per-block scales, {dtype}, shape {shape}: "
-                                "an odd count and a partial last block",
+                    description="normal data at per-block scales, three rows crossed by blocks: an odd "
+                                "count (a padded last byte) and a partial last block",
                 )
 
 
@@ -286,13 +286,14 @@ def _hard_cases():
             name = f"largest-{quant_type}-{dtype}"
             yield quantize_case(name, _largest(case_rng(name), dtype, bs), blocksize=bs,
                                 quant_type=quant_type, tags=["largest"],
-                                description="values up to the dtype's largest finite value")
+                                description="values up to the dtype's largest finite value (float32: the "
+                                            "reciprocal is subnormal, and double quantization overflows)")
             for n in (1, 3, 65):
                 name = f"length{n}-{quant_type}-{dtype}"
                 x = (case_rng(name).standard_normal(n)).astype(D)
                 yield quantize_case(name, x, blocksize=bs, quant_type=quant_type,
                                     tags=["odd-length", "partial-block"],
-                                    description=f"{n} element(s): a padded last byte, a partial block")
+                                    description="1, 3 or 65 elements: a padded last byte, a partial block")
 
 
 # ----------------------------------------------------------------------------- other kinds
@@ -434,8 +435,8 @@ def _lora_case(name, *, dtype, r, alpha, rslora, dropout, bias, quant=None) -> C
     plain = _lora_plain(x, W, A, B, G, s, b, d, dtype=D)
     params["budgets"] = {out: _derived_budget(ref, p, dtype) for out, ref, p in zip(_OUTPUTS, refs, plain)}
     arrays.update(zip(_OUTPUTS, refs))
-    what = f"{'QLoRA on a 4-bit ' + quant[0].upper() + ' base (double quantized, compute ' + quant[2] + ')' if quant else 'LoRA'}"
-    description = (f"{what}, {dtype} inputs, r={r}, alpha={alpha}{', rsLoRA' if rslora else ''}"
+    what = f"QLoRA on a double-quantized 4-bit {quant[0].upper()} base" if quant else "LoRA"
+    description = (f"{what}, r={r}, alpha={alpha}{', rsLoRA' if rslora else ''}"
                    f"{', dropout p=0.5' if dropout else ''}{', bias' if bias else ''}: forward and backward")
     return Case(name, kind, description, params, arrays, [kind, "forward", "backward"])
 

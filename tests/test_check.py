@@ -145,14 +145,15 @@ def test_ties_up_is_classified_as_ties():
 def test_float64_scaling_is_classified_as_scaling_near_a_midpoint():
     """Exact float64 quotients instead of the float32 reciprocal: on normal data every difference
     is a scaling decision near a midpoint; where the float32 reciprocal of a subnormal absmax
-    overflows, the float64 quotient gives other codes, which no class excuses."""
+    overflows, the codes are the exact quotient's (``reciprocal overflow``)."""
     rows = _check("test_check:float64_scaling", rounds=0, per_case=True)
     normal = [r for r in rows if not r.group.startswith(("subnormal", "largest"))]
     unexplained, classes = _totals(normal)
     assert unexplained == 0, format_report(normal, [])
     assert classes.get("approximate reciprocal", 0) > 0, classes
-    assert set(classes) <= {"approximate reciprocal", "partial block division", "absmax clamp 1e-38"}, classes
-    assert _totals([r for r in rows if r.group.startswith("subnormal")])[0] > 0
+    assert set(classes) <= {"approximate reciprocal", "partial block division"}, classes
+    unexplained, classes = _totals([r for r in rows if r.group.startswith("subnormal")])
+    assert unexplained == 0 and classes.get("reciprocal overflow", 0) > 0, classes
 
 
 def test_rounded_table_decode_is_unexplained_but_a_correct_decoder_is_exact():
@@ -275,6 +276,22 @@ def test_registered_provider_has_no_unexplained_differences(name):
     impl = resolve(name)
     if not impl.available:
         pytest.skip(f"provider {name!r} not available: {impl.reason}")
-    rows = check_implementations([impl], rounds=1)
+    # Triton runs in its CPU interpreter here: the golden vectors only, to keep the file fast.
+    rows = check_implementations([impl], rounds=0 if name == "triton" else 1)
     assert rows, f"no case ran for {name}"
     assert _totals(rows)[0] == 0, format_report(rows, [impl])
+
+
+def test_docs_generated_parts_are_current(monkeypatch):
+    """docs/conformance.md includes the output of real runs (docs/scripts/check_example.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    spec = importlib.util.spec_from_file_location("check_example", root / "docs" / "scripts" / "check_example.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name, make in script.GENERATED.items():
+        committed = (root / "docs" / "generated" / name).read_text()
+        assert committed == make(), f"docs/generated/{name} is stale: run python docs/scripts/check_example.py"
