@@ -132,27 +132,26 @@ def _from_functions(name: str, q, dq, lora_forward=None, lora_backward=None) -> 
             return False
         return (takes_type or quant_type == "nf4") and (takes_block or blocksize == 64)
 
-    quantize = dequantize = None
-    if q is not None:
-        def quantize(x, *, blocksize, quant_type, double_quant):
-            out = _call(q, (x,), blocksize=blocksize, quant_type=quant_type)
-            if isinstance(out, tuple):
-                if len(out) != 2:
-                    raise ValueError(f"{name}: quantize returned {len(out)} values; expected (packed, absmax)")
-                packed, second = out
-            else:
-                packed, second = out, None
-            if second is not None and not isinstance(second, QuantState):
-                second = np.asarray(second)
-            return np.asarray(packed), second
-    if dq is not None:
-        def dequantize(packed, state, *, dtype):
-            if state.absmax is None:
-                raise NotImplementedError("the simple protocol decodes float32 absmax only")
-            return _call(dq, (np.asarray(packed).reshape(-1).copy(),), absmax=state.absmax.copy(),
-                         shape=tuple(state.shape), blocksize=state.blocksize, quant_type=state.quant_type,
-                         dtype=dtype)
-    return Implementation(name=name, quantize=quantize, dequantize=dequantize, supports=supports,
+    def quantize(x, *, blocksize, quant_type, double_quant):
+        out = _call(q, (x,), blocksize=blocksize, quant_type=quant_type)
+        if isinstance(out, tuple):
+            if len(out) != 2:
+                raise ValueError(f"{name}: quantize returned {len(out)} values; expected (packed, absmax)")
+            packed, second = out
+        else:
+            packed, second = out, None
+        if second is not None and not isinstance(second, QuantState):
+            second = np.asarray(second)
+        return np.asarray(packed), second
+
+    def dequantize(packed, state, *, dtype):
+        if state.absmax is None:
+            raise NotImplementedError("the simple protocol decodes float32 absmax only")
+        return _call(dq, (np.asarray(packed).reshape(-1).copy(),), absmax=state.absmax.copy(),
+                     shape=tuple(state.shape), blocksize=state.blocksize, quant_type=state.quant_type, dtype=dtype)
+
+    return Implementation(name=name, quantize=quantize if q is not None else None,
+                          dequantize=dequantize if dq is not None else None, supports=supports,
                           lora_forward=lora_forward, lora_backward=lora_backward)
 
 
