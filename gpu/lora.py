@@ -15,7 +15,8 @@ Note: precision of the fast LoRA layer
     - the output is ``base + adapter`` in the wider of the two, then cast to ``x.dtype``.
 
     The backward mirrors it: ``G W`` in the compute dtype, ``s G`` and the adapter gradients in
-    the adapter dtype, ``grad_x`` cast to ``x.dtype``. ``h = (d x) A^T`` is recomputed in the
+    the adapter dtype; the two parts of ``grad_x`` are each cast to ``x.dtype`` and summed in it
+    (where autograd would accumulate them). ``h = (d x) A^T`` is recomputed in the
     backward rather than saved.
 
 Public API
@@ -123,8 +124,8 @@ def adapter_backward(grad_x_base, grad_y, x, A, B, scaling: float, dropout_mask,
         grad_x_tilde = (GB @ A).reshape(x.shape)  # (..., in)
         if dropout_mask is not None:
             grad_x_tilde = grad_x_tilde * dropout_mask.to(A.dtype)
-        wide = torch.promote_types(grad_x_base.dtype, grad_x_tilde.dtype)
-        grad_x = (grad_x_base.to(wide) + grad_x_tilde).to(x.dtype)
+        # Each branch's gradient is cast to x.dtype and summed there, as autograd accumulates.
+        grad_x = grad_x_base.to(x.dtype) + grad_x_tilde.to(x.dtype)
     return grad_x, (None if grad_A is None else grad_A.to(A.dtype)), (None if grad_B is None else grad_B.to(B.dtype))
 
 
