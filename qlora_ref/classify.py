@@ -30,6 +30,10 @@ Note: difference classes
     Nested absmax codes (``classify_nested_codes``):
 
     - ``all-zero nested block``: the nested block's absmax is 0, every code decodes to 0.
+    - ``subnormal nested absmax``: the nested block's absmax is a float32 subnormal (below
+      2^-126), where the two sides' arithmetic parts ways (the oracle's reciprocal overflows
+      below 2^-128; bitsandbytes' C++ path divides, and may flush subnormals). Every code then
+      decodes to within ``2 * absmax < 2^-125`` of any other, far below float32's normal range.
     - ``tie on a midpoint``: as above, for the dynamic map.
     - ``approximate lookup table``: the other entry is at most two lookup-table cells
       (``w = 2 / 65536``) farther from the scaled value ``s`` than the nearest entry.
@@ -283,6 +287,7 @@ def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, t
     midpoint = (t[np.minimum(ai, bi)] + t[np.maximum(ai, bi)]) / 2.0
     classes = np.full(index.size, UNCLASSIFIED, dtype=object)
     classes[c == 0] = "all-zero nested block"
+    classes[(c > 0) & (c < float(np.finfo(np.float32).tiny))] = "subnormal nested absmax"
     rest = classes == UNCLASSIFIED
     adjacent = np.abs(ai - bi) == 1
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -10,6 +10,8 @@ bitsandbytes' CPU path follows another rule: every difference must fall in a cla
 - ``partial block division``: bnb divides in a partial last block (rare: the quotient and the
   product by the reciprocal round apart only near midpoints).
 - ``approximate lookup table``: nested codes from bnb's CPU lookup table.
+- ``subnormal nested absmax``: nested codes of a nested block whose absmax is subnormal.
+- ``all-zero nested block``: nested codes where every absmax of a nested block equals the offset.
 - ``offset ulp``: bnb's float32 mean of the absmax against the oracle's correctly rounded one.
 - ``offset sum overflow``: bnb's float32 sum of huge absmax values overflows, its offset is inf
   and its nested state is unusable (``from_bnb_state_dict`` refuses it).
@@ -142,6 +144,11 @@ def compare_with_bnb(x: np.ndarray, blocksize: int, quant_type: str) -> collecti
     return counts
 
 
+def float32_subnormals():
+    # Absmax values of a few subnormal steps: the nested absmax is subnormal too.
+    return (np.random.default_rng(1).standard_normal((256, 1)) * 1.2e-44).astype(np.float32)
+
+
 def subnormal_partial_block():
     # bfloat16 subnormals: absmax far below 1e-38, in a full block and in a partial last block.
     x = (np.random.default_rng(1).standard_normal(100) * 1e-39).astype(np.float32)
@@ -150,6 +157,7 @@ def subnormal_partial_block():
 
 @given(x=hard_arrays(), blocksize=blocksizes, quant_type=bnb_quant_types)
 @example(x=subnormal_partial_block(), blocksize=64, quant_type="nf4")
+@example(x=float32_subnormals(), blocksize=64, quant_type="nf4")
 @example(x=np.zeros((3, 5), np.float16), blocksize=32, quant_type="fp4")
 @example(x=np.full(64, 3.0e38, np.float32), blocksize=32, quant_type="nf4")  # absmax sum overflows
 @example(x=np.array([[[0.5]]], ml_dtypes.bfloat16), blocksize=64, quant_type="nf4")  # one element, 3-D
@@ -163,6 +171,8 @@ def test_pinned_classes_occur():
     assert counts[("codes", "absmax clamp 1e-38")] > 0 and counts[("absmax", "absmax clamp 1e-38")] == 1
     counts = compare_with_bnb(np.full(64, 3.0e38, np.float32), 32, "nf4")
     assert counts[("offset", "offset sum overflow")] == 1
+    counts = compare_with_bnb(float32_subnormals(), 64, "nf4")
+    assert counts[("nested codes", "subnormal nested absmax")] > 0
     x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     counts = compare_with_bnb(x, 64, "fp4")
     assert counts[("decoded", "fp4 negative zero")] > 0

@@ -13,7 +13,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import example, given
-from hypothesis import strategies as st
 
 from qlora_ref.classify import classify_offset
 from qlora_ref.quantize import dequantize_4bit, quantize_4bit
