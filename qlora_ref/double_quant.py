@@ -157,6 +157,8 @@ def double_quantize(absmax: np.ndarray, *, blocksize: int = _NESTED_BLOCKSIZE, o
     -----
     ``v = absmax - offset`` (float32); per nested block ``c = max |v|``;
     ``code = nearest(DYNAMIC_MAP, v * float32(1 / c))`` (see Note: nested encoding rule).
+    A nested block with ``c`` below 2^-128 (subnormal absmax) has an overflowing reciprocal: its
+    nonzero ``v`` take the end entries, an error below ``2 c``, far below float32's normal range.
 
     Examples
     --------
