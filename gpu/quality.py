@@ -365,9 +365,12 @@ def run_experiment(size: str = "default", *, arms=ARMS, progress=print, config: 
     }
     for arm in arms:
         runs = []
+        weight_error = None
         for seed in config.seeds:
             torch.manual_seed(seed)
             model = build_arm(arm, pretrained, config)
+            if weight_error is None:  # what the base format costs, before any training
+                weight_error = base_weight_error(model, pretrained)
             t = time.perf_counter()
             if arm == "base":
                 curve = [(0, loss_on(model, heldout))]
@@ -386,8 +389,9 @@ def run_experiment(size: str = "default", *, arms=ARMS, progress=print, config: 
             "runs": runs,
             "heldout_loss_mean": float(losses.mean()),
             "heldout_loss_std": float(losses.std()) if len(runs) > 1 else 0.0,
+            "heldout_loss_before_mean": sum(r["curve"][0][1] for r in runs) / len(runs),
             "perplexity_mean": float(torch.exp(losses).mean()),
-            "base_weight_error": base_weight_error(model, pretrained),
+            "base_weight_error": weight_error,
             "trainable_parameters": trainable_parameters(model) if arm != "base" else 0,
             "stored_bytes": stored_bytes(model),
             "wall_s_mean": sum(r["wall_s"] for r in runs) / len(runs),

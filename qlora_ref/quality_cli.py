@@ -18,6 +18,7 @@ def summary_table(results: dict) -> str:
     for arm, r in results["arms"].items():
         rows.append([
             arm,
+            f"{r['heldout_loss_before_mean']:.4f}",
             f"{r['heldout_loss_mean']:.4f}",
             f"{r['heldout_loss_std']:.4f}",
             f"{r['perplexity_mean']:.3f}",
@@ -27,7 +28,7 @@ def summary_table(results: dict) -> str:
             f"{r['wall_s_mean']:.1f}",
         ])
     return format_table(
-        ["arm", "held-out loss", "std", "perplexity", "base rel. error", "trainable", "stored bytes", "wall s"],
+        ["arm", "loss before", "held-out loss", "std", "perplexity", "base rel. error", "trainable", "stored bytes", "wall s"],
         rows,
         title=f"Fine-tuning on held-out prose, size {results['size']}, seeds {list(results['config']['seeds'])}",
     )

@@ -18,12 +18,14 @@ RESULTS = DOCS / "generated" / "quality.json"
 def quality_table(results: dict) -> str:
     """Markdown table: one row per arm, from the saved results."""
     lines = [
-        "| arm | held-out loss (mean ± std) | perplexity | base weight rel. error | trainable parameters | stored bytes | wall time per run (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | held-out loss before fine-tuning | held-out loss after (mean ± std) | perplexity after "
+        "| base weight rel. error | trainable parameters | stored bytes | wall time per run (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arm, r in results["arms"].items():
         lines.append(
-            f"| {arm} | {r['heldout_loss_mean']:.4f} ± {r['heldout_loss_std']:.4f} | {r['perplexity_mean']:.3f} "
+            f"| {arm} | {r['heldout_loss_before_mean']:.4f} | {r['heldout_loss_mean']:.4f} ± {r['heldout_loss_std']:.4f} "
+            f"| {r['perplexity_mean']:.3f} "
             f"| {r['base_weight_error']:.4f} | {r['trainable_parameters']:,} | {r['stored_bytes']:,} "
             f"| {r['wall_s_mean']:.1f} |"
         )
@@ -36,6 +38,34 @@ def quality_table(results: dict) -> str:
         f"{cfg['dropout']}, lr {cfg['lr']}. Measured {results['date']} on {results['machine']['platform']}, "
         f"torch {results['machine']['torch']}; total {results['total_wall_s'] / 60:.1f} minutes."
     )
+    return "\n".join(lines) + "\n"
+
+
+def _compare(results: dict, a: str, b: str) -> str:
+    """One sentence comparing two arms: the difference of means against the seeds' spread."""
+    ra, rb = results["arms"][a], results["arms"][b]
+    diff = ra["heldout_loss_mean"] - rb["heldout_loss_mean"]
+    spread = max(ra["heldout_loss_std"], rb["heldout_loss_std"], 1e-12)
+    verdict = "within the seed-to-seed spread" if abs(diff) <= 2 * spread else (
+        f"{'lower' if diff < 0 else 'higher'} by more than twice the seed-to-seed spread")
+    return (f"`{a}` minus `{b}`: {diff:+.4f} nats per byte ({abs(diff) / spread:.1f} times the larger "
+            f"seed standard deviation, {spread:.4f}): {verdict}.")
+
+
+def quality_discussion(results: dict) -> str:
+    """Generated comparisons: the orderings the paper predicts, tested against seed noise."""
+    arms = results["arms"]
+    ranked = sorted((a for a in arms if a != "base"), key=lambda a: arms[a]["heldout_loss_mean"])
+    lines = ["Ranking by mean held-out loss, best first: " + ", ".join(f"`{a}`" for a in ranked) + ".", ""]
+    pairs = [("nf4-dq", "fp4"), ("nf4-dq", "int4"), ("nf4-dq", "nf4"), ("nf4-dq", "lora-bf16"), ("nf4-dq", "full"),
+             ("lora-bf16", "full")]
+    for a, b in pairs:
+        if a in arms and b in arms:
+            lines.append(f"- {_compare(results, a, b)}")
+    if "base" in arms and "nf4-dq" in arms:
+        gain = arms["base"]["heldout_loss_mean"] - arms["nf4-dq"]["heldout_loss_mean"]
+        lines.append(f"- Fine-tuning `nf4-dq` lowers the held-out loss by {gain:.4f} from the base model's "
+                     f"{arms['base']['heldout_loss_mean']:.4f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -64,6 +94,7 @@ def figure(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     results = json.loads(RESULTS.read_text())
     (DOCS / "generated" / "quality_table.md").write_text(quality_table(results))
+    (DOCS / "generated" / "quality_discussion.md").write_text(quality_discussion(results))
     figure(results, DOCS / "figures" / "quality_curves.png")
     return 0
 
