@@ -167,7 +167,10 @@ def _import(module_part: str):
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
         return module
-    return importlib.import_module(module_part)
+    try:
+        return importlib.import_module(module_part)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_part!r}: {exc}") from None
 
 
 def resolve(spec: str) -> Implementation:
@@ -187,9 +190,9 @@ def resolve(spec: str) -> Implementation:
     Raises
     ------
     ValueError
-        If the spec is malformed or names nothing callable.
-    ImportError, FileNotFoundError
-        If a user module cannot be imported.
+        If the spec is malformed, names nothing callable, or its module cannot be imported.
+    FileNotFoundError
+        If a ``.py`` path does not exist.
 
     Examples
     --------

@@ -189,6 +189,7 @@ def test_bad_specs_are_usage_errors(capsys):
     assert main(["check", "no_such_provider"]) == 2
     assert main(["check", "test_check:no_such_function"]) == 2
     assert main(["check", "test_check:a,b,c"]) == 2
+    assert main(["check", "no_such_module_anywhere:quantize"]) == 2
     err = capsys.readouterr().err
     assert "neither a registered provider" in err and "no attribute" in err
 
