@@ -23,6 +23,8 @@ Note: where the decoded weight is rounded
     ``get_original_weight().to(dtype)``). With bfloat16 weights and bfloat16 compute (the GPU
     cases) all of these agree; with float32 compute (the CPU cases) they differ, and
     ``forward_weight_dtype`` / ``backward_weight_dtype`` say which rounding each one uses.
+    Under ``torch.compile`` torchao's decode keeps its intermediates in float32 (inductor's
+    default), a different rounding again: ``benchmarks.checks.decode_float32_intermediates``.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ class Adapter:
         return True, ""
 
     def _compile(self, fn):
-        return torch.compile(fn, dynamic=False) if self.compiled else fn
+        # Default dynamic-shape policy: static first, one dynamic recompile when a size changes
+        # (the layer's token counts), so a run compiles each graph at most twice.
+        return torch.compile(fn) if self.compiled else fn
 
     def forward_weight_dtype(self, compute_dtype, weight_dtype):
         return compute_dtype

@@ -106,7 +106,7 @@ class Workspace:
 
     def __init__(self, device):
         self.device = torch.device(device)
-        self._weights, self._refs, self._handles, self._adapters = {}, {}, {}, {}
+        self._weights, self._refs, self._handles, self._adapters, self._checks = {}, {}, {}, {}, {}
 
     def adapter(self, label):
         if label not in self._adapters:
@@ -137,6 +137,12 @@ class Workspace:
     def oracle_state(self, label: str, key: str):
         """The provider's quantized weight as the oracle's ``(packed, QuantState)``."""
         return self.adapter(label).to_oracle(self.handle(label, key))
+
+    def checked(self, what: tuple, check) -> str:
+        """Run ``check()`` once per ``what`` (the layer's check does not depend on the token count)."""
+        if what not in self._checks:
+            self._checks[what] = check()
+        return self._checks[what]
 
     def release(self, key: str) -> None:
         """Forget everything made for one shape (the GPU script goes shape by shape)."""
@@ -250,7 +256,7 @@ def make_matmul(ws: Workspace, label: str, key: str, rows: int) -> Case:
         weight_bytes = _stored_nbytes(ws, label, key)
     case.bytes_moved = weight_bytes + rows * K * item + rows * N * item  # read W and x, write y
     case.flops = 2 * rows * N * K
-    case.extra["weight_bytes"] = weight_bytes
+    case.extra.update(weight_bytes=weight_bytes, compute_dtype=str(cd).removeprefix("torch."))
 
     def check():
         with torch.no_grad():
@@ -270,7 +276,8 @@ def _weight_rows(ws: Workspace, label: str, key: str, dtype, rows: int, which: s
     pick = adapter.forward_weight_dtype if which == "forward" else adapter.backward_weight_dtype
     rounding = pick(dtype, stored)
     packed, state = ws.oracle_state(label, key)
-    return ws.reference(key).weight(packed, state, str(rounding).removeprefix("torch."), rows)
+    rule = "float32 intermediates" if adapter.compiled and adapter.scheme == "torchao" else "oracle"
+    return ws.reference(key).weight(packed, state, str(rounding).removeprefix("torch."), rows, rule=rule)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -325,7 +332,8 @@ def make_layer(ws: Workspace, label: str, key: str, tokens: int) -> Case:
     else:
         case.flops = 4 * tokens * N * K + 6 * tokens * RANK * (K + N)
     case.extra.update(rank=RANK, compute_dtype=str(cd).removeprefix("torch."), item=item)
-    case.check = lambda: _check_layer(ws, label, key, forward, params, cd, A, B, scaling)
+    case.check = lambda: ws.checked(("layer", label, key),
+                                    lambda: _check_layer(ws, label, key, forward, params, cd, A, B, scaling))
     case.memory = (forward, params, persistent, x, G)
     return case
 

@@ -7,9 +7,9 @@ tolerance policy of ``tests/tolerances.py`` (loaded from there, so there is one 
   difference in a named class of ``qlora_ref.classify`` (bitsandbytes' CPU path encodes the
   nested codes through a lookup table; an offset may differ by the rounding of a float32 sum);
 - decode: bit for bit against the oracle's ``dequantize_4bit`` of the provider's own state
-  (so a decode is judged apart from its quantizer); a ``torch.compile``d provider may differ by
-  one unit of the stored dtype, counted as ``compiled intermediate precision`` (see
-  ``OracleReference.check_decode``);
+  (so a decode is judged apart from its quantizer); torchao under ``torch.compile`` may differ
+  where a named alternative rule says (``decode_float32_intermediates``), and those elements
+  are counted;
 - product and layer: the derived tier: error against the oracle's float64 result at most twice
   the error of a plain torch computation in the same dtype, plus a few ulp.
 
@@ -37,7 +37,8 @@ from qlora_ref.double_quant import double_quantize
 from qlora_ref.quantize import blockwise_absmax, dequantize_4bit, encode_4bit, pack_4bit
 from qlora_ref.state import NestedAbsmax, QuantState
 
-__all__ = ["CHECK_ELEMENTS", "checked_rows", "slice_state", "OracleReference", "tolerances"]
+__all__ = ["CHECK_ELEMENTS", "checked_rows", "slice_state", "OracleReference", "decode_float32_intermediates",
+           "check_derived", "tolerances"]
 
 #: Elements of ``W`` checked against the oracle at most, in whole rows (Note: checked rows).
 CHECK_ELEMENTS = 2**24
@@ -203,11 +204,9 @@ class OracleReference:
                      compiled: bool = False) -> str:
         """Compare a provider's decoded weight with the oracle's decode of the provider's state.
 
-        A compiled provider (``torch.compile``) may keep an intermediate in float32 where the
-        format rounds it to the stored dtype (inductor's default, ``emulate_precision_casts``
-        off): such an element differs from the oracle by at most one unit in the last place of
-        the stored dtype and is counted as ``compiled intermediate precision``; anything else
-        fails.
+        A compiled torchao provider is held to the rule ``float32 intermediates``
+        (``decode_float32_intermediates``): every element must equal the oracle's or that
+        rule's value, and the elements where the two differ are counted.
         """
         T = tolerances()
         rows = checked_rows(self.shape, state.nested.scheme)
@@ -215,26 +214,50 @@ class OracleReference:
         ref = dequantize_4bit(sub_packed, sub, dtype=dtype)
         got = np.asarray(y)[:rows]
         where = "exact" if rows == self.shape[0] else f"exact on rows 0..{rows}"
-        if not compiled:
+        if not (compiled and state.nested.scheme == "torchao"):
             T.assert_bit_equal(got, ref, f"decoded rows 0..{rows}")
             return where
         differ = ~_equal_bits(got, ref)
         if not differ.any():
             return where
-        import ml_dtypes
+        other = decode_float32_intermediates(sub_packed, sub, dtype)
+        T.assert_bit_equal(got[differ], other[differ], "decoded elements that differ from the oracle")
+        return f"{where} except {int(differ.sum())} of {differ.size}: float32 intermediates (torch.compile)"
 
-        stored = np.dtype(ml_dtypes.bfloat16) if state.dtype == "bfloat16" else np.dtype(state.dtype)
-        r = ref[differ].astype(np.float64)
-        ulp = _ulp(r, stored)
-        err = np.abs(got[differ].astype(np.float64) - r)
-        bad = int(np.sum(err > ulp))
-        assert bad == 0, f"decoded: {bad} elements differ from the oracle by more than one {stored} ulp"
-        return f"{where} except {int(differ.sum())} of {differ.size} within 1 {stored} ulp (compiled intermediate precision)"
+    def weight(self, packed: np.ndarray, state: QuantState, dtype: str, rows: int, *,
+               rule: str = "oracle") -> np.ndarray:
+        """The first ``rows`` rows of the decoded weight rounded to ``dtype``, as float64.
 
-    def weight(self, packed: np.ndarray, state: QuantState, dtype: str, rows: int) -> np.ndarray:
-        """The first ``rows`` rows of the decoded weight rounded to ``dtype``, as float64."""
+        ``rule="float32 intermediates"`` decodes as ``decode_float32_intermediates`` does.
+        """
         sub_packed, sub = slice_state(packed, state, rows)
+        if rule == "float32 intermediates":
+            return decode_float32_intermediates(sub_packed, sub, dtype).astype(np.float64)
         return dequantize_4bit(sub_packed, sub, dtype=dtype).astype(np.float64)
+
+
+def decode_float32_intermediates(packed: np.ndarray, state: QuantState, dtype: str) -> np.ndarray:
+    """torchao's decode as ``torch.compile`` computes it: float32 throughout, one final rounding.
+
+    The format (``qlora_ref.torchao_scheme``, Note: torchao arithmetic) rounds every step to the
+    stored dtype D. Inductor, by default (``torch._inductor.config.emulate_precision_casts``
+    off), keeps the intermediates of a fused kernel in float32: ``scaler = q / factor + mean``
+    and ``table[code] * scaler`` in float32, then one rounding to D (and the conversion to the
+    requested dtype). Measured: with bfloat16 weights this changes about one decoded value in
+    five by one or two units of D; with ``emulate_precision_casts`` on, the compiled decode
+    equals the format bit for bit. This is a named alternative rule for checking, not a format.
+    """
+    from qlora_ref.quantize import unpack_4bit
+    from qlora_ref.state import numpy_dtype
+
+    nested = state.nested
+    codes = unpack_4bit(np.asarray(packed).reshape(-1), state.numel).astype(np.int64)  # (n,)
+    q = nested.codes.astype(np.float32).reshape(-1, nested.blocksize)  # (n_nested, 256)
+    factor = np.asarray(nested.absmax).astype(np.float32)  # (n_nested,)
+    scaler = (q / factor[:, None]).reshape(-1) + np.asarray(nested.offset).astype(np.float32)  # (n_blocks,)
+    table = np.asarray(state.code).astype(np.float32)
+    y = (table[codes].reshape(-1, state.blocksize) * scaler[:, None]).reshape(state.shape)  # float32
+    return y.astype(numpy_dtype(state.dtype)).astype(numpy_dtype(dtype))
 
 
 def check_derived(actual, ref64, baseline, *, dtype, scale, what: str) -> float:

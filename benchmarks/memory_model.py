@@ -22,13 +22,15 @@ Note: one layer's memory formula
       nothing but its weight);
     - full fine-tuning: the input, for ``dW``, ``T K c``.
 
-    The peak of one forward and backward adds to everything that exists before it (the stored
-    weight ``S``, the adapters, ``x`` and the incoming gradient ``G``, ``T N c``) the saved
-    tensors, the output ``y`` (``T N c``), the gradients made (``dx``: ``T K c``; ``dA``, ``dB``
-    or ``dW``) and the largest transient: for a 4-bit base, one decoded weight ``N K c`` (made
-    in the forward and again in the backward, never kept); for a dense base, one ``T K c``
-    partial gradient. Not counted: allocator rounding and the library's own scratch (a cuBLAS
-    workspace exists before the measured step, since a warm-up step runs first).
+    One forward and backward adds to what exists before it (the stored weight ``S``, the
+    adapters, ``x`` and the incoming gradient ``G``, ``T N c``): the saved tensors other than
+    the input, the output ``y`` (``T N c``), the gradients it makes (``dx``: ``T K c``; ``dA``
+    and ``dB``, or ``dW``) and one transient: for a 4-bit base a decoded weight ``N K c``
+    (made in the forward and again in the backward, never kept), for a dense base one ``T K c``
+    partial gradient. That is the least an implementation needs; the CUDA measurement
+    (``peak - before``) shows how much more a real one allocates. Not counted: allocator
+    rounding and library scratch (a cuBLAS workspace exists before the measured step, since a
+    warm-up step runs first).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def torchao_nbytes(numel: int, dtype_bytes: int = 2, *, blocksize: int = 64, sca
     Examples
     --------
     >>> torchao_nbytes(4096 * 4096)
-    8650786
+    8652834
     """
     n_blocks = numel // blocksize
     return numel // 2 + n_blocks + dtype_bytes * (n_blocks // scaler_blocksize + 1 + 16)
@@ -166,30 +168,30 @@ def layer_formula(label: str, tokens: int, shape: tuple, item: int, stored_nbyte
     Returns
     -------
     dict
-        ``saved`` (tensors kept for backward), ``peak`` (everything at the peak) and ``terms``.
+        ``saved`` (tensors kept for backward, the input included), ``added`` (what one forward
+        and backward allocates on top of what exists before it), ``peak`` (the two together) and
+        ``terms`` (every item, bytes).
 
     Examples
     --------
     >>> f = layer_formula("torch", 512, (4096, 4096), 2, 8_650_000)
-    >>> f["saved"] == 512 * 4096 * 2
-    True
+    >>> y_and_dx, dA_and_dB, decoded_W = 512 * (4096 + 4096) * 2, 16 * (4096 + 4096) * 2, 4096 * 4096 * 2
+    >>> f["saved"] == 512 * 4096 * 2, f["added"] == y_and_dx + dA_and_dB + decoded_W
+    (True, True)
     """
     N, K = shape
     T, r, c = tokens, RANK, item
-    if label in ("torch", "triton", "dense-full"):
-        saved = T * K * c
-    else:
-        saved = T * (K + r) * c
     dense = label.startswith("dense")
-    weight = N * K * c if dense else int(stored_nbytes)
+    kept_input = T * K * c  # the input: it exists before the step, so saving it allocates nothing
+    saved = kept_input if label in ("torch", "triton", "dense-full") else kept_input + T * r * c
     adapters = 0 if label == "dense-full" else r * (K + N) * c
-    param_grads = N * K * c if label == "dense-full" else adapters
-    terms = {
-        "weight": weight, "adapters": adapters, "x": T * K * c, "grad_y": T * N * c, "saved": saved,
-        "y": T * N * c, "grad_x": T * K * c, "parameter gradients": param_grads,
-        "transient": T * K * c if dense else N * K * c,
-    }
-    return {"saved": saved, "peak": int(sum(terms.values())), "terms": terms}
+    before = {"weight": N * K * c if dense else int(stored_nbytes), "adapters": adapters, "x": T * K * c,
+              "grad_y": T * N * c}
+    added = {"saved beyond the input": saved - kept_input, "y": T * N * c, "grad_x": T * K * c,
+             "parameter gradients": N * K * c if label == "dense-full" else adapters,
+             "transient": T * K * c if dense else N * K * c}
+    return {"saved": saved, "added": int(sum(added.values())), "peak": int(sum(before.values()) + sum(added.values())),
+            "terms": {**before, **added}}
 
 
 def persistent_tensors(obj, found=None, depth: int = 0) -> list:
@@ -246,14 +248,15 @@ def saved_tensor_bytes(forward, x: torch.Tensor, persistent: list) -> dict:
 
 def cuda_peak_bytes(step) -> dict:
     """Peak of ``torch.cuda.max_memory_allocated`` over one ``step()`` (a forward and backward),
-    after a warm-up step; ``before`` is what was allocated when it started."""
+    after a warm-up step: ``before`` was allocated when it started, ``added = peak - before``."""
     step()  # warm-up: kernels, autotuning, the cuBLAS workspace
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
-    return {"peak": int(torch.cuda.max_memory_allocated()), "before": int(before)}
+    peak = int(torch.cuda.max_memory_allocated())
+    return {"peak": peak, "before": int(before), "added": peak - int(before)}
 
 
 def layer_memory(case, ws) -> dict:

@@ -1,7 +1,7 @@
 """Results of a benchmark run: records with their rates, the machine, versions and date, as JSON.
 
 Written by ``benchmarks/conftest.py`` (CPU, pytest) and ``benchmarks/run_gpu.py`` (GPU) in one
-format, read by ``qlora_ref.bench_cli`` (the summary table) and
+format, read by ``qlora_ref.bench_cli`` (``summary_table``, the text summary) and
 ``docs/scripts/benchmark_pages.py`` (the tables and figures of ``docs/benchmarks.md``).
 
 Note: results format
@@ -28,7 +28,7 @@ import subprocess
 from pathlib import Path
 
 __all__ = ["environment", "bnb_paths", "make_record", "add_ratios", "results_document", "write_results",
-           "load_results", "summary_rows", "SCHEMA"]
+           "load_results", "SCHEMA"]
 
 SCHEMA = 1
 _PACKAGES = ("numpy", "scipy", "torch", "triton", "bitsandbytes", "torchao", "pytest-benchmark", "qlora-ref")
@@ -117,6 +117,8 @@ def make_record(case, timing, ceilings: dict, check: str) -> dict:
     record = {"op": case.op, "provider": case.label, "shape": case.shape_key, "dims": list(SHAPES[case.shape_key]),
               **case.params, "time_s": timing.as_dict(), "bytes_moved": case.bytes_moved, "flops": case.flops,
               "check": check}
+    if "compute_dtype" in case.extra:
+        record["compute_dtype"] = case.extra["compute_dtype"]
     if case.bytes_moved:
         record["gbps"] = case.bytes_moved / t / 1e9
         record["pct_copy"] = 100.0 * record["gbps"] / ceilings["copy"]["gbps"]
@@ -181,28 +183,3 @@ def load_results(path) -> dict:
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ValueError(f"{path} is not a benchmark results file of schema {SCHEMA}")
     return doc
-
-
-def _params(r: dict) -> str:
-    for name in ("dtype", "rows", "tokens"):
-        if name in r:
-            return f"{name}={r[name]}"
-    return ""
-
-
-def summary_rows(doc: dict) -> tuple[list, list]:
-    """Headers and rows of the text summary: one row per record, in run order."""
-    headers = ["op", "shape", "case", "provider", "median ms", "q20-q80 ms", "rate", "% ceiling", "x bnb", "check"]
-    rows = []
-    for r in doc["records"]:
-        t = r["time_s"]
-        if r["op"] == "layer":
-            rate, pct = f"{r['tflops'] * 1e3:.1f} GFLOP/s", r.get("pct_matmul")
-        else:
-            rate, pct = f"{r['gbps']:.2f} GB/s", r.get("pct_copy")
-        ratio = r.get("speedup_vs_bnb")
-        rows.append([r["op"], r["shape"], _params(r), r["provider"], f"{t['median_s'] * 1e3:.2f}",
-                     f"{t['q20_s'] * 1e3:.2f}-{t['q80_s'] * 1e3:.2f}", rate,
-                     "" if pct is None else f"{pct:.1f}%", "" if ratio is None else f"{ratio:.2f}x",
-                     r["check"][:40]])
-    return headers, rows

@@ -3,8 +3,9 @@
 Not timed. Stored bytes are summed from each provider's real buffers and must equal the formula
 (``qlora_ref.memory.quantized_tensor_nbytes``; ``benchmarks.memory_model.torchao_nbytes``). The
 layer's saved tensors are counted with saved-tensor hooks and must equal Note: one layer's
-memory formula (``benchmarks/memory_model.py``); on CUDA the peak of the forward and backward
-is recorded beside the formula's (the target is within 5%, reported, not asserted).
+memory formula (``benchmarks/memory_model.py``); on CUDA what the forward and backward
+allocates at its peak is recorded beside the formula's (the target is within 5%, reported, not
+asserted).
 """
 
 import pytest
@@ -35,6 +36,8 @@ def test_layer_memory(bench_run, workspace, shape_key, provider):
     bench_run.memory["layer"].append(m)
     text = f"saved {m['saved_bytes']} bytes (formula {m['formula']['saved']})"
     if "cuda" in m:
-        text += f", peak {m['cuda']['peak']} bytes (formula {m['formula']['peak']})"
+        text += f", step allocates {m['cuda']['added']} bytes (formula {m['formula']['added']})"
     bench_run.say(f"layer memory {shape_key} {provider} at {m['tokens']} tokens: {text}")
+    if case.label.endswith("+compile"):
+        return  # torch.compile's partitioner chooses what to save: measured and reported, not modelled
     assert m["saved_bytes"] == m["formula"]["saved"], f"saved tensors: {m['saved_tensors']}"
