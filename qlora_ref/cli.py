@@ -18,6 +18,7 @@ COMMANDS = (
     "qlora_ref.check",
     "qlora_ref.vectors",
     "qlora_ref.inspect_cli",
+    "qlora_ref.bench_cli",
 )
 
 
