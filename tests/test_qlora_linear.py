@@ -27,7 +27,8 @@ import qlora_gpu as G  # noqa: E402
 import qlora_ref as R  # noqa: E402
 from qlora_gpu import QLoRALinear, qlora_linear, replace_linear_with_qlora  # noqa: E402
 from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy  # noqa: E402
-from tolerances import assert_derived  # noqa: E402
+from strategies import lora_problems  # noqa: E402
+from tolerances import assert_derived, assert_within  # noqa: E402
 
 F = torch.nn.functional
 NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16,
@@ -98,6 +99,12 @@ def check_against_oracle(c, backend, device="cpu"):
                      backend=backend)
     y.backward(t["G"])
     assert y.dtype == x.dtype and A.grad.dtype == A.dtype and x.grad.dtype == x.dtype
+    # The functional pair (no autograd) computes the very same values.
+    common = dict(scaling=s, compute_dtype=cd, dropout_mask=t["mask"], backend=backend)
+    assert torch.equal(G.qlora_forward(t["x"], packed, state, t["A"], t["B"], bias=t["bias"], **common), y)
+    for got, want in zip(G.qlora_backward(t["G"], t["x"], packed, state, t["A"], t["B"], **common),
+                         (x.grad, A.grad, B.grad)):
+        assert torch.equal(got, want)
 
     oracle = dict(scaling=s, compute_dtype=NAMES[cd], dropout_mask=a["mask"])
     y64 = R.qlora_forward(a["x"], packed_np, state_np, a["A"], a["B"], bias=a["bias"], **oracle)
@@ -132,6 +139,27 @@ def test_qlora_linear_matches_oracle_forward_and_gradients(backend, c):
 @given(c=qlora_cases(max_features=300))
 def test_qlora_linear_matches_oracle_on_cuda(c):
     check_against_oracle(c, "triton", device="cuda")
+
+
+@given(p=lora_problems(max_features=12, max_rank=4))
+def test_dense_lora_functions_match_the_oracle(p):
+    """qlora_gpu.lora_forward/backward on a dense W, all in float64 (inputs converted exactly):
+    the oracle's values up to float64 summation order, 8 ulps of the terms."""
+    t = {k: None if v is None else tensor_from_numpy(v).double() for k, v in p.items() if k != "scaling"}
+    s = p["scaling"]
+    y = G.lora_forward(t["x"], t["W"], t["A"], t["B"], scaling=s, bias=t["bias"], dropout_mask=t["mask"])
+    grads = G.lora_backward(t["grad_y"], t["x"], t["W"], t["A"], t["B"], scaling=s, dropout_mask=t["mask"])
+    mag = {k: None if v is None else np.abs(v.astype(np.float64)) for k, v in p.items() if k != "scaling"}
+    terms_y = R.lora_forward(mag["x"], mag["W"], mag["A"], mag["B"], scaling=s, bias=mag["bias"],
+                             dropout_mask=mag["mask"])
+    terms_g = R.lora_backward(mag["grad_y"], mag["x"], mag["W"], mag["A"], mag["B"], scaling=s,
+                              dropout_mask=mag["mask"])
+    ref_y = R.lora_forward(p["x"], p["W"], p["A"], p["B"], scaling=s, bias=p["bias"], dropout_mask=p["mask"])
+    ref_g = R.lora_backward(p["grad_y"], p["x"], p["W"], p["A"], p["B"], scaling=s, dropout_mask=p["mask"])
+    eps = np.finfo(np.float64).eps
+    for name, got, ref, terms in zip(["y", "grad_x", "grad_A", "grad_B"], (y, *grads), (ref_y, *ref_g),
+                                     (terms_y, *terms_g)):
+        assert_within(got, ref, 8 * eps * float(np.max(terms, initial=0.0)), name)
 
 
 def test_gradcheck_float64():
