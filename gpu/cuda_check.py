@@ -89,8 +89,31 @@ def _wall_clock(fn, repeat: int = 3) -> dict:
     return {"time_ms": times[len(times) // 2], "time_ms_p20": times[0], "time_ms_p80": times[-1]}
 
 
+_ERRORS: dict = {}
+
+
+def _ratio(timed: dict, reference: str, t: dict):
+    """``time(reference) / time(t)`` (above 1: faster than the reference); None if it failed."""
+    return timed[reference]["time_ms"] / t["time_ms"] if reference in timed else None
+
+
+def _ratio_text(timed: dict, reference: str, t: dict) -> str:
+    r = _ratio(timed, reference, t)
+    return "-" if r is None else f"{r:.2f}x"
+
+
 def _interleaved(cases: dict, rounds: int = 2) -> dict:
-    """Time every case ``rounds`` times in turn; keep the round with the median time."""
+    """Time every case ``rounds`` times in turn; keep the round with the median time.
+
+    A case that raises on its first call is dropped and its error kept in ``_ERRORS``, so one
+    comparator's API change cannot cost the whole (once-only) GPU run.
+    """
+    for name, fn in list(cases.items()):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - reported in the output, not hidden
+            _ERRORS[name] = f"{type(exc).__name__}: {exc}"
+            del cases[name]
     runs = {name: [] for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
@@ -195,11 +218,11 @@ def time_kernels(shape, rows_list, device="cuda") -> tuple[dict, list]:
         gbps = decode_bytes / (t["time_ms"] * 1e6)
         results["decode"][name] = {**t, "bytes": decode_bytes, "gbps": gbps, "pct_of_copy": 100 * gbps / copy_gbps}
     best = min((k for k in timed if k.startswith("triton")), key=lambda k: timed[k]["time_ms"])
-    results["decode"]["speedup_vs_bnb"] = timed["bnb dequantize_4bit"]["time_ms"] / timed[best]["time_ms"]
-    for name in ["triton decode", best, "bnb dequantize_4bit"]:
+    results["decode"]["speedup_vs_bnb"] = _ratio(timed, "bnb dequantize_4bit", timed[best])
+    for name in dict.fromkeys(n for n in ["triton decode", best, "bnb dequantize_4bit"] if n in timed):
         r = results["decode"][name]
         rows.append([name, "bf16", f"{r['time_ms']:.4f}", f"{r['gbps']:.0f}", f"{r['pct_of_copy']:.0f}%",
-                     f"{timed['bnb dequantize_4bit']['time_ms'] / r['time_ms']:.2f}x"])
+                     _ratio_text(timed, "bnb dequantize_4bit", r)])
 
     # --- time: quantize (kernel path: first level, float64 mean, nested level) ---
     def ours_quantize():
@@ -215,7 +238,7 @@ def time_kernels(shape, rows_list, device="cuda") -> tuple[dict, list]:
                            for name, t in timed.items()}
     for name, t in results["quantize"].items():
         rows.append([name, "bf16", f"{t['time_ms']:.4f}", f"{t['gbps']:.0f}", f"{100 * t['gbps'] / copy_gbps:.0f}%",
-                     f"{timed['bnb quantize_4bit']['time_ms'] / t['time_ms']:.2f}x"])
+                     _ratio_text(timed, "bnb quantize_4bit", t)])
 
     # --- check, then time: small-batch product ---
     W_c = dequantize_4bit(packed, state, dtype=torch.bfloat16)
@@ -252,7 +275,7 @@ def time_kernels(shape, rows_list, device="cuda") -> tuple[dict, list]:
             if name in entry:
                 e = entry[name]
                 rows.append([f"M={M} {name}", "bf16", f"{e['time_ms']:.4f}", f"{need / (e['time_ms'] * 1e6):.0f}",
-                             f"{e['pct_of_ceiling']:.0f}%", f"{timed[ref_name]['time_ms'] / e['time_ms']:.2f}x"])
+                             f"{e['pct_of_ceiling']:.0f}%", _ratio_text(timed, ref_name, e)])
     return results, rows
 
 
@@ -289,8 +312,15 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(), "platform": platform.platform()}, "versions": versions}
     report["tests"] = None if args.skip_tests or _DRY_RUN else run_tests(root)
     report["oracle_check"] = check_against_oracle(device, size=64 if _DRY_RUN else 1024)  # bitwise
-    results, rows = time_kernels(tuple(args.shape), args.rows, device)
+    try:
+        results, rows = time_kernels(tuple(args.shape), args.rows, device)
+    except Exception as exc:  # noqa: BLE001 - write what we have, then fail
+        import traceback
+
+        results, rows = {"decode_check": {}, "matmul": {}, "failed": traceback.format_exc()}, []
+        print(f"qlora_gpu.cuda_check: timing failed: {exc}", file=sys.stderr)
     report["timings"] = results
+    report["case_errors"] = dict(_ERRORS)
 
     from qlora_ref.tables import format_table
 
@@ -300,6 +330,8 @@ def main(argv=None) -> int:
     side = 64 if _DRY_RUN else 1024
     text.append(f"oracle check ({side}x{side} bf16, NF4, double quant): {report['oracle_check']}")
     text.append(f"decode check: {results['decode_check']}")
+    if _ERRORS or "failed" in results:
+        text.append(f"errors: {dict(_ERRORS)} {results.get('failed', '')}")
     text.append(format_table(["case", "dtype", "time_ms", "GB/s", "% of ceiling", "vs bnb"], rows,
                              title=f"weight {args.shape[0]}x{args.shape[1]}, NF4, block 64, double quantization"))
     (out / "cuda_check.json").write_text(json.dumps(report, indent=2, default=str))
@@ -308,7 +340,7 @@ def main(argv=None) -> int:
     checks = list(report["oracle_check"].values()) + list(results["decode_check"].values())
     checks += [m["check"]["within_derived_tier"] for m in results["matmul"].values()]
     tests_ok = report["tests"] is None or report["tests"]["returncode"] == 0
-    return 0 if tests_ok and all(checks) else 1
+    return 0 if tests_ok and all(checks) and "failed" not in results else 1
 
 
 if __name__ == "__main__":  # pragma: no cover
