@@ -100,7 +100,10 @@ class BitsAndBytesProvider:
         qs = bnb_F.QuantState.from_dict({k: v for k, v in entries.items() if k != "weight"}, device=self.device)
         if dtype is not None:
             qs.dtype = DTYPES[np.dtype(dtype).name if not isinstance(dtype, str) else dtype]  # decode into it
-        return tensor_to_numpy(bnb_F.dequantize_4bit(entries["weight"], qs))
+        # bitsandbytes routes some shapes (an odd last dimension) through a torch.compile'd
+        # fallback that recompiles for every new shape; eager mode computes the same values.
+        with torch.compiler.set_stance("force_eager"):
+            return tensor_to_numpy(bnb_F.dequantize_4bit(entries["weight"], qs))
 
 
 class TorchaoProvider:
