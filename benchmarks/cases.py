@@ -135,8 +135,11 @@ class Workspace:
         return self._handles[name]
 
     def oracle_state(self, label: str, key: str):
-        """The provider's quantized weight as the oracle's ``(packed, QuantState)``."""
-        return self.adapter(label).to_oracle(self.handle(label, key))
+        """The provider's quantized weight as the oracle's ``(packed, QuantState)`` (made once)."""
+        name = ("oracle state", self.adapter(label).name, key)
+        if name not in self._handles:
+            self._handles[name] = self.adapter(label).to_oracle(self.handle(label, key))
+        return self._handles[name]
 
     def checked(self, what: tuple, check) -> str:
         """Run ``check()`` once per ``what`` (the layer's check does not depend on the token count)."""
@@ -148,7 +151,7 @@ class Workspace:
         """Forget everything made for one shape (the GPU script goes shape by shape)."""
         self._weights.pop(key, None)
         self._refs.pop(key, None)
-        for name in [n for n in self._handles if n[1] == key]:
+        for name in [n for n in self._handles if n[-1] == key]:
             del self._handles[name]
 
 
@@ -216,7 +219,8 @@ def make_decode(ws: Workspace, label: str, key: str, dtype: str) -> Case:
 
     def check():
         y = case.fn()
-        y = y if isinstance(y, np.ndarray) else tensor_to_numpy(y)
+        rows = checked_rows(SHAPES[key], adapter.scheme)  # only these rows are compared (Note: checked rows)
+        y = y[:rows] if isinstance(y, np.ndarray) else tensor_to_numpy(y[:rows])
         packed, state = ws.oracle_state(label, key)
         return ws.reference(key).check_decode(y, packed, state, dtype, compiled=adapter.compiled)
 

@@ -14,6 +14,10 @@ Note: the ceilings
       forward and backward. On CPU a small bfloat16 matmul is measured as well, only to record
       how slow bfloat16 is on a CPU without AVX-512 BF16 (the reason the CPU layer cases compute
       in float32).
+
+    Both are measured at the start and at the end of a run and the better of the two is the
+    ceiling (``best_ceilings``): on a shared machine a single measurement can land in a busy
+    moment, and a ceiling below what a case reached would read as more than 100%.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from benchmarks.timing import Timing, time_cpu, time_cuda_interleaved
 
-__all__ = ["measure_copy", "measure_matmul", "measure_ceilings", "COPY_BYTES", "MATMUL_SIZE"]
+__all__ = ["measure_copy", "measure_matmul", "measure_ceilings", "best_ceilings", "COPY_BYTES", "MATMUL_SIZE"]
 
 #: Bytes of the copied buffer, per device type.
 COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
@@ -94,3 +98,21 @@ def measure_ceilings(device) -> dict:
     if device.type == "cpu":
         ceilings["matmul_bfloat16"] = measure_matmul(device, 256, torch.bfloat16, repeat=3)
     return ceilings
+
+
+def best_ceilings(*measured: dict) -> dict:
+    """The best of several ``measure_ceilings`` results, ceiling by ceiling (highest rate).
+
+    Examples
+    --------
+    >>> a = {"copy": {"gbps": 1.0}, "matmul": {"tflops": 3.0}}
+    >>> b = {"copy": {"gbps": 2.0}, "matmul": {"tflops": 1.0}}
+    >>> c = best_ceilings(a, b)
+    >>> c["copy"]["gbps"], c["matmul"]["tflops"]
+    (2.0, 3.0)
+    """
+    best = {}
+    for name in measured[0]:
+        rate = "gbps" if "gbps" in measured[0][name] else "tflops"
+        best[name] = max((m[name] for m in measured if name in m), key=lambda c: c[rate])
+    return best

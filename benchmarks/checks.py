@@ -172,6 +172,8 @@ class OracleReference:
         if codes.index.size:
             found.append(str(codes))
         where = "exact" if rows == self.shape[0] else f"exact on rows 0..{rows}"
+        if found:
+            where = f"packed codes and nested absmax {where}"
         return where + "".join(f"; {f}" for f in found)
 
     def _check_torchao(self, packed, state) -> str:

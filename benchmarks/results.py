@@ -6,7 +6,8 @@ format, read by ``qlora_ref.bench_cli`` (``summary_table``, the text summary) an
 
 Note: results format
     ``{"schema": 1, "kind": "cpu" | "gpu", "date", "machine", "versions", "bitsandbytes_paths",
-    "ceilings", "records", "skipped", "memory": {"stored", "layer"}, "wall_s"}``. A record is
+    "options", "ceilings", "ceiling_measurements", "records", "skipped", "memory": {"stored",
+    "layer"}, "wall_s"}``. A record is
     one provider on one case: ``op``, ``provider`` (a registry name, ``+compile`` when wrapped
     in ``torch.compile``, or a ``dense*`` baseline), ``shape``, ``dims``, the case's parameters
     (``dtype``, ``rows`` or ``tokens``), ``time_s`` (median, 20% and 80% quantiles, min, n),
@@ -27,7 +28,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-__all__ = ["environment", "bnb_paths", "make_record", "add_ratios", "results_document", "write_results",
+__all__ = ["environment", "bnb_paths", "make_record", "add_percentages", "add_ratios", "results_document", "write_results",
            "load_results", "SCHEMA"]
 
 SCHEMA = 1
@@ -109,8 +110,9 @@ def bnb_paths(device) -> dict:
     return out
 
 
-def make_record(case, timing, ceilings: dict, check: str) -> dict:
-    """One record (Note: results format) from a case, its ``Timing`` and the run's ceilings."""
+def make_record(case, timing, check: str) -> dict:
+    """One record (Note: results format) from a case and its ``Timing``; ``results_document``
+    adds the percentages of the run's ceilings and the ratios."""
     from benchmarks.cases import SHAPES
 
     t = timing.median_s
@@ -121,12 +123,19 @@ def make_record(case, timing, ceilings: dict, check: str) -> dict:
         record["compute_dtype"] = case.extra["compute_dtype"]
     if case.bytes_moved:
         record["gbps"] = case.bytes_moved / t / 1e9
-        record["pct_copy"] = 100.0 * record["gbps"] / ceilings["copy"]["gbps"]
     if case.flops:
         record["tflops"] = case.flops / t / 1e12
-        if case.op == "layer":
-            record["pct_matmul"] = 100.0 * record["tflops"] / ceilings["matmul"]["tflops"]
     return record
+
+
+def add_percentages(records: list, ceilings: dict) -> list:
+    """Add ``pct_copy`` (memory-bound cases) and ``pct_matmul`` (the layer) of the run's ceilings."""
+    for r in records:
+        if "gbps" in r:
+            r["pct_copy"] = 100.0 * r["gbps"] / ceilings["copy"]["gbps"]
+        if r["op"] == "layer" and "tflops" in r:
+            r["pct_matmul"] = 100.0 * r["tflops"] / ceilings["matmul"]["tflops"]
+    return records
 
 
 def _case_key(r: dict) -> tuple:
@@ -155,12 +164,17 @@ def add_ratios(records: list) -> list:
     return records
 
 
-def results_document(kind: str, device, ceilings: dict, records: list, skipped: list, memory: dict,
+def results_document(kind: str, device, ceilings: list, records: list, skipped: list, memory: dict,
                      wall_s: float, options: dict | None = None) -> dict:
-    """Assemble a results document (Note: results format)."""
+    """Assemble a results document (Note: results format); ``ceilings`` are the measurements of
+    the run (start and end), of which the best is the ceiling (``benchmarks.ceilings.best_ceilings``)."""
+    from benchmarks.ceilings import best_ceilings
+
+    best = best_ceilings(*ceilings)
     return {"schema": SCHEMA, "kind": kind, **environment(device), "bitsandbytes_paths": bnb_paths(device),
-            "options": options or {}, "ceilings": ceilings, "records": add_ratios(records), "skipped": skipped,
-            "memory": memory, "wall_s": wall_s}
+            "options": options or {}, "ceilings": best, "ceiling_measurements": ceilings,
+            "records": add_ratios(add_percentages(records, best)), "skipped": skipped, "memory": memory,
+            "wall_s": wall_s}
 
 
 def write_results(doc: dict, path) -> Path:

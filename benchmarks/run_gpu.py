@@ -33,8 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for the results JSON, tables and figures")
     p.add_argument("--shapes", default="", help="comma-separated shape keys (default: all)")
-    p.add_argument("--quick", action="store_true", help="512 and 4096 tokens only, 15 timed rounds")
-    p.add_argument("--reps", type=int, default=0, help="timed rounds per provider (default 30, quick 15)")
+    p.add_argument("--quick", action="store_true", help="512 and 4096 tokens only, 10 timed rounds")
+    p.add_argument("--reps", type=int, default=0, help="timed rounds per provider (default 20, quick 10)")
     p.add_argument("--compile-all", action="store_true", help="compiled variants at every shape (slow to compile)")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile variants")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu is a dry run of the machinery")
@@ -54,7 +54,7 @@ class Runner:
         self.device = torch.device(args.device)
         self.ws = Workspace(self.device)
         self.flush = L2Flush(self.device) if self.device.type == "cuda" else None
-        self.reps = args.reps or (15 if args.quick else 30)
+        self.reps = args.reps or (10 if args.quick else 20)
         self.records, self.skipped = [], []
         self.memory = {"stored": [], "layer": [], "stored_skipped": []}
         self.start = time.perf_counter()
@@ -67,7 +67,18 @@ class Runner:
         from benchmarks.timing import time_cpu, time_cuda_interleaved
 
         if self.device.type == "cuda":
-            return time_cuda_interleaved(fns, reps=self.reps, warmup=2, flush=self.flush)
+            try:
+                return time_cuda_interleaved(fns, reps=self.reps, warmup=2, flush=self.flush)
+            except Exception as exc:  # one provider failing while timed: time the others apart
+                self.say(f"interleaved timing failed ({type(exc).__name__}: {str(exc)[:120]}); timing one by one")
+                out = {}
+                for name, fn in fns.items():
+                    try:
+                        out.update(time_cuda_interleaved({name: fn}, reps=self.reps, warmup=2, flush=self.flush))
+                    except Exception as inner:
+                        self.skipped.append({"op": "timing", "provider": name, "shape": "",
+                                             "reason": f"failed: {type(inner).__name__}: {str(inner)[:300]}"})
+                return out
         return {name: time_cpu(fn, repeat=3, warmup=0) for name, fn in fns.items()}
 
     def group(self, cases: list) -> None:
@@ -82,19 +93,31 @@ class Runner:
                 continue
             try:
                 check = case.check()
-            except AssertionError as exc:  # recorded and not timed: a wrong answer has no speed
+            except Exception as exc:  # recorded and not timed: a wrong answer (or none) has no speed
+                what = "check against the oracle failed" if isinstance(exc, AssertionError) else "failed"
+                reason = f"{what}: {type(exc).__name__}: {str(exc)[:300]}"
                 self.skipped.append({"op": case.op, "provider": case.label, "shape": case.shape_key, **case.params,
-                                     "reason": f"check against the oracle failed: {str(exc)[:300]}"})
-                self.say(f"{case.group} {case.label}: CHECK FAILED {str(exc)[:200]}")
+                                     "reason": reason})
+                self.say(f"{case.group} {case.label}: {reason[:200]}")
                 continue
             ready[case.label] = (case, check)
         if not ready:
             return
         timings = self.time({label: case.fn for label, (case, _) in ready.items()})
         for label, (case, check) in ready.items():
-            self.records.append(make_record(case, timings[label], self.ceilings, check))
+            if label in timings:
+                self.records.append(make_record(case, timings[label], check))
         first = next(iter(ready.values()))[0]
         self.say(f"{first.group}: " + ", ".join(f"{label} {t.median_s * 1e3:.3f} ms" for label, t in timings.items()))
+
+    def guarded(self, what: str, fn) -> None:
+        """Run a measurement; an exception is recorded (and printed) instead of ending the run."""
+        try:
+            fn()
+        except Exception as exc:
+            reason = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+            self.skipped.append({"op": "memory", "provider": what, "shape": "", "reason": reason})
+            self.say(f"{what}: {reason[:200]}")
 
     def providers(self, op: str, index: int) -> list:
         from benchmarks.cases import PROVIDERS
@@ -139,16 +162,21 @@ class Runner:
                 if t in (tokens[0], tokens[-1]):
                     for case in layer_cases:
                         if not case.skip:
-                            self.memory["layer"].append(layer_memory(case, ws))
+                            self.guarded(f"layer memory {key} {case.label} {t}",
+                                         lambda case=case: self.memory["layer"].append(layer_memory(case, ws)))
                 del layer_cases
-            rows, skipped = stored_format_rows(ws.weight(key), key, oracle_limit=CHECK_ELEMENTS)
-            self.memory["stored"].extend(rows)
-            self.memory["stored_skipped"].extend({"shape": key, "what": w, "reason": r} for w, r in skipped)
+            def stored(key=key):
+                rows, skipped = stored_format_rows(ws.weight(key), key, oracle_limit=CHECK_ELEMENTS)
+                self.memory["stored"].extend(rows)
+                self.memory["stored_skipped"].extend({"shape": key, "what": w, "reason": r} for w, r in skipped)
+
+            self.guarded(f"stored bytes {key}", stored)
             ws.release(key)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         kind = "gpu" if self.device.type == "cuda" else "cpu-dry-run"
-        return results_document(kind, self.device, self.ceilings, self.records, self.skipped, self.memory,
+        ceilings = [self.ceilings, measure_ceilings(self.device)]  # start and end: the best is the ceiling
+        return results_document(kind, self.device, ceilings, self.records, self.skipped, self.memory,
                                 time.perf_counter() - self.start,
                                 options={"runner": "benchmarks.run_gpu", "reps": self.reps, "quick": self.args.quick,
                                          "shapes": keys, "compile_all": self.args.compile_all,

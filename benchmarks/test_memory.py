@@ -15,7 +15,7 @@ from benchmarks.checks import CHECK_ELEMENTS
 from benchmarks.memory_model import layer_memory, stored_format_rows
 
 
-def test_stored_bytes(bench_run, workspace, shape_key):
+def test_stored_bytes(bench_run, ceilings, workspace, shape_key):
     rows, skipped = stored_format_rows(workspace.weight(shape_key), shape_key, oracle_limit=CHECK_ELEMENTS)
     bench_run.memory["stored"].extend(rows)
     bench_run.memory.setdefault("stored_skipped", []).extend([{"shape": shape_key, "what": w, "reason": r}
@@ -28,7 +28,7 @@ def test_stored_bytes(bench_run, workspace, shape_key):
 
 
 @pytest.mark.parametrize("provider", cases.PROVIDERS["layer"])
-def test_layer_memory(bench_run, workspace, shape_key, provider):
+def test_layer_memory(bench_run, ceilings, workspace, shape_key, provider):
     case = cases.make_layer(workspace, provider, shape_key, cases.QUICK_LAYER_TOKENS[0])
     if case.skip:
         pytest.skip(case.skip)

@@ -11,6 +11,7 @@ tables and figures beside a GPU run's JSON.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -54,15 +55,19 @@ def _shapes(doc) -> list:
     return keys
 
 
+def _pct(p: float) -> str:
+    return f"{p:.2g}%" if p < 10 else f"{p:.0f}%"
+
+
 def _cell(r: dict, op: str) -> str:
     """One provider's entry: median ms, then the rate and the ratios that apply."""
     parts = [f"**{_ms(r['time_s']['median_s'])}** ms"]
     if op == "layer":
-        parts.append(f"{r['pct_matmul']:.0f}% mm")
+        parts.append(f"{_pct(r['pct_matmul'])} mm")
         if "time_vs_lora" in r:
             parts.append(f"{r['time_vs_lora']:.2f}x LoRA")
     else:
-        parts.append(f"{r['gbps']:.3g} GB/s, {r['pct_copy']:.2g}% copy")
+        parts.append(f"{r['gbps']:.3g} GB/s, {_pct(r['pct_copy'])} copy")
     if "speedup_vs_bnb" in r and r["provider"] != "bnb":
         parts.append(f"{r['speedup_vs_bnb']:.2f}x bnb")
     return "<br>".join(parts)
@@ -87,14 +92,20 @@ def op_table(doc: dict, op: str) -> str:
     return _md_table(headers, out)
 
 
+def _measurements(doc: dict, name: str, rate: str, scale: float) -> str:
+    return " and ".join(f"{m[name][rate] * scale:.3g}" for m in doc.get("ceiling_measurements", [doc["ceilings"]]))
+
+
 def machine_table(doc: dict) -> str:
     m, v, c = doc["machine"], doc["versions"], doc["ceilings"]
     rows = [["date", doc["date"]], ["machine", m.get("gpu") or m["cpu"]],
             ["CPU", f"{m['cpu']}, {m['cpu_count']} cores, torch threads {m['torch_threads']}, "
                     f"capability {m['torch_cpu_capability']}"],
             ["versions", ", ".join(f"{k} {val}" for k, val in v.items() if val)],
-            ["copy ceiling", f"{c['copy']['gbps']:.3g} GB/s ({c['copy']['nbytes'] // 2**20} MiB copied, read + write)"],
-            ["matmul ceiling", f"{c['matmul']['tflops'] * 1e3:.4g} GFLOP/s ({c['matmul']['dtype']}, n = {c['matmul']['n']})"]]
+            ["copy ceiling", f"{c['copy']['gbps']:.3g} GB/s ({c['copy']['nbytes'] // 2**20} MiB copied, read + write; "
+                             f"{_measurements(doc, 'copy', 'gbps', 1)} GB/s at the start and end of the run)"],
+            ["matmul ceiling", f"{c['matmul']['tflops'] * 1e3:.4g} GFLOP/s ({c['matmul']['dtype']}, n = {c['matmul']['n']}; "
+                               f"{_measurements(doc, 'matmul', 'tflops', 1e3)} GFLOP/s at the start and end)"]]
     if "matmul_bfloat16" in c:
         b = c["matmul_bfloat16"]
         rows.append(["bfloat16 matmul", f"{b['tflops'] * 1e3:.3g} GFLOP/s (n = {b['n']}): why the CPU layer cases compute in float32"])
@@ -145,20 +156,34 @@ def layer_memory_table(doc: dict) -> str:
     return _md_table(headers, rows)
 
 
+def _cases(n: int) -> str:
+    return f"{n} case" if n == 1 else f"{n} cases"
+
+
+def _check_summary(texts: list) -> str:
+    """One line for the checks of one op and provider: exact ones, derived ones, the rest."""
+    derived = [float(m.group(1)) for t in texts for m in [re.search(r"([0-9.]+) of (the )?budget", t)] if m]
+    if derived and len(derived) == len(texts):
+        return f"derived tier in {_cases(len(texts))}; largest error {max(derived):.2f} of the budget"
+    if all(t.startswith("exact") and ";" not in t and "except" not in t for t in texts):
+        return f"bit for bit in {_cases(len(texts))}"
+    return "<br>".join(dict.fromkeys(texts))
+
+
 def checks_table(doc: dict) -> str:
-    """What the comparison with the oracle found, once per op and provider, and every skip."""
-    seen, rows = set(), []
+    """What the comparison with the oracle found, per op and provider, and every case not run."""
+    found = {}
     for r in doc["records"]:
-        key = (r["op"], r["provider"], r["check"])
-        if key not in seen:
-            seen.add(key)
-            rows.append([r["op"], r["provider"], r["check"]])
+        found.setdefault((r["op"], r["provider"]), []).append(r["check"])
+    rows = [[op, provider, _check_summary(texts)] for (op, provider), texts in found.items()]
     skipped = {}
     for s in doc.get("skipped", []):
         skipped.setdefault((s["op"], s["provider"], s["reason"]), []).append(s["shape"])
     for (op, provider, reason), shapes in skipped.items():
-        rows.append([op, provider, f"not run at {', '.join(sorted(set(shapes)))}: {reason}"])
-    rows.sort(key=lambda row: (OP_ORDER.index(row[0]) if row[0] in OP_ORDER else 9, row[1]))
+        where = ", ".join(sorted(set(s for s in shapes if s)))
+        rows.append([op, provider, f"not run at {where}: {reason}" if where else reason])
+    rows.sort(key=lambda row: (OP_ORDER.index(row[0]) if row[0] in OP_ORDER else 9,
+                               PROVIDER_ORDER.index(row[1]) if row[1] in PROVIDER_ORDER else 99))
     return _md_table(["case", "provider", "check against the oracle"], rows)
 
 
