@@ -110,7 +110,8 @@ def _quantize(provider: str, W: torch.Tensor, quant_type: str, scheme: str) -> d
     if provider == "torch":
         import qlora_gpu
 
-        return _state_buffers(*qlora_gpu.quantize_4bit(W, blocksize=64, quant_type=quant_type, double_quant=dq))
+        return _state_buffers(*qlora_gpu.quantize_4bit(W, blocksize=64, quant_type=quant_type, double_quant=dq,
+                                                       backend="torch"))
     if provider == "bnb":
         import bitsandbytes.functional as bnbf
 
