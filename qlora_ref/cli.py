@@ -15,6 +15,7 @@ import sys
 COMMANDS = (
     "qlora_ref.report",
     "qlora_ref.memory_cli",
+    "qlora_ref.quality_cli",
     "qlora_ref.check",
     "qlora_ref.vectors",
     "qlora_ref.inspect_cli",
