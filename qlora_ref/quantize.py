@@ -313,6 +313,31 @@ def decode_4bit(codes: np.ndarray, absmax: np.ndarray, blocksize: int, table: np
     return out
 
 
+def decode_packed_4bit(packed_flat: np.ndarray, n: int, absmax: np.ndarray, blocksize: int,
+                       table: np.ndarray) -> np.ndarray:
+    """Decode packed bytes straight to float32; the same values as ``decode_4bit(unpack_4bit(...))``.
+
+    Each byte indexes a 256-entry table of value pairs ``(table[b >> 4], table[b & 15])``, so one
+    gather writes both elements of a byte (first element from the high nibble), and the block
+    scaling then runs in place: two passes over the output instead of four.
+
+    Examples
+    --------
+    >>> decode_packed_4bit(np.array([0xF0], np.uint8), 2, np.array([2], np.float32), 64, codebook("nf4")).tolist()
+    [2.0, -2.0]
+    """
+    byte = np.arange(256)
+    pairs = np.stack([table[byte >> 4], table[byte & 0x0F]], axis=1).astype(np.float32)  # (256, 2)
+    values = np.take(pairs, packed_flat, axis=0).reshape(-1)[:n]  # (n,) float32, a contiguous view
+    n_full = n // blocksize
+    with np.errstate(invalid="ignore"):  # inf absmax times a zero code is NaN, as in decode_4bit
+        full = values[: n_full * blocksize].reshape(n_full, blocksize)  # (n_blocks, blocksize) view
+        full *= absmax[:n_full, None]
+        if n % blocksize:
+            values[n_full * blocksize :] *= absmax[n_full]
+    return values
+
+
 def dequantize_4bit(packed, state: QuantState, *, dtype=None) -> np.ndarray:
     """Decode a blockwise 4-bit tensor.
 
@@ -349,7 +374,6 @@ def dequantize_4bit(packed, state: QuantState, *, dtype=None) -> np.ndarray:
 
         return dequantize_torchao(packed, state, dtype=out_dtype)
     absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
-    codes = unpack_4bit(flat, state.numel)
-    y = decode_4bit(codes, absmax.astype(np.float32, copy=False), state.blocksize, state.code)
+    y = decode_packed_4bit(flat, state.numel, absmax.astype(np.float32, copy=False), state.blocksize, state.code)
     with np.errstate(over="ignore"):  # beyond the output dtype's range rounds to +-inf, as in torch
         return y.astype(out_dtype, copy=False).reshape(state.shape)
