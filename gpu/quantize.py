@@ -30,6 +30,7 @@ Note: the double-quantization offset
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -141,7 +142,10 @@ def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     [1, 2, 3]
     """
     flat = packed.reshape(-1)
-    return torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n]
+    codes = torch.empty(2 * flat.numel(), dtype=torch.uint8, device=flat.device)
+    torch.bitwise_right_shift(flat, 4, out=codes[0::2])
+    torch.bitwise_and(flat, 0x0F, out=codes[1::2])
+    return codes[:n]
 
 
 def _blocks(x_flat: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -152,19 +156,68 @@ def _blocks(x_flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return x_flat.reshape(-1, blocksize)
 
 
+#: Elements per step of the CPU loops (whole blocks): small enough that the intermediates of a
+#: step stay in the cache and torch runs each op without a thread hand-off, which on a few
+#: shared cores costs more than the op. On CUDA one step covers the whole tensor.
+_CPU_QUANTIZE_STEP = 1 << 16
+_CPU_DECODE_STEP = 1 << 15
+
+
+def _step(device: torch.device, elements: int, blocksize: int, total: int) -> int:
+    if device.type != "cpu":
+        return max(total, blocksize)
+    return max(elements // blocksize, 1) * blocksize
+
+
+def _encode(s: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Codes (uint8) of scaled values ``s`` (flat float32): Note: the encoder's lookup table."""
+    high = 1 if sys.byteorder == "little" else 0
+    entry = table.index_select(0, s.view(torch.uint16)[high::2].to(torch.int32))  # (m,) int64
+    above = s > entry.view(torch.float32)[0::2]  # NaN compares False
+    as_bytes = entry.view(torch.uint8).view(-1, 8)
+    return torch.where(above, as_bytes[:, 5], as_bytes[:, 4])
+
+
+def _pack_into(codes: torch.Tensor, out: torch.Tensor) -> None:
+    torch.bitwise_or(codes[0::2] << 4, codes[1::2], out=out)
+
+
 def _quantize_torch(t: torch.Tensor, blocksize: int, quant_type: str):
     n = t.numel()
-    x = _blocks(t.reshape(-1).to(torch.float32), blocksize)  # (n_blocks, blocksize) float32, exact
-    absmax = x.abs().amax(dim=1)  # (n_blocks,) float32
+    x = t.reshape(-1)  # input dtype: converting to float32 is exact, and the multiply below promotes
+    table = tables.encode_table(quant_type, t.device)
+    zero = tables.ZERO_CODES[quant_type]
+    n_full = n // blocksize * blocksize
+    full = x[:n_full].view(-1, blocksize)  # (n_full_blocks, blocksize): the partial block apart
+    low, high = torch.aminmax(full, dim=1)
+    absmax = torch.maximum(low.neg(), high).to(torch.float32).abs_()  # max |x|; abs_ turns -0.0 into 0.0
+    if n_full < n:
+        absmax = torch.cat([absmax, x[n_full:].abs().amax().to(torch.float32).reshape(1)])
     reciprocal = torch.reciprocal(absmax)  # float32 1/absmax (IEEE division); inf for a zero block
-    s = x * reciprocal[:, None]  # float32 multiply
-    # Sorted position = number of midpoints strictly below s (bucketize, right=False).
-    position = torch.bucketize(s, tables.midpoints(quant_type, t.device), right=False)
-    codes = tables.sorted_codes(quant_type, t.device)[position]  # (n_blocks, blocksize) int64
-    codes = torch.where(x == 0, tables.ZERO_CODES[quant_type], codes)  # also the zero padding
-    # An odd count's pad nibble is element n, which is zero padding (blocksize is even).
-    codes = codes.reshape(-1)[: n + n % 2].to(torch.uint8)
-    return pack_4bit(codes, quant_type), absmax
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=t.device)
+    step = _step(t.device, _CPU_QUANTIZE_STEP, blocksize, n_full)
+    for start in range(0, n_full, step):
+        stop = min(start + step, n_full)
+        rows = slice(start // blocksize, stop // blocksize)
+        s = torch.mul(full[rows], reciprocal[rows, None]).view(-1)  # float32 multiply
+        _pack_into(_encode(s, table), packed[start // 2 : stop // 2])
+    # Step 5: a zero scales to +-0, which the table sends to the zero code, except where the
+    # reciprocal is inf (0 * inf = NaN): fix those blocks only.
+    bad = torch.nonzero(torch.isinf(reciprocal[: n_full // blocksize])).reshape(-1)
+    if bad.numel():
+        rows = full[bad]
+        codes = _encode((rows * reciprocal[bad, None]).view(-1), table)
+        codes = torch.where(rows.reshape(-1) == 0, zero, codes).to(torch.uint8)
+        packed[: n_full // 2].view(-1, blocksize // 2)[bad] = ((codes[0::2] << 4) | codes[1::2]).view(
+            -1, blocksize // 2)
+    if n_full < n:  # the partial last block; an odd count pads the low nibble with the zero code
+        tail = x[n_full:]
+        codes = _encode(tail.to(torch.float32) * reciprocal[-1], table)
+        codes = torch.where(tail == 0, zero, codes).to(torch.uint8)
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_full((1,), zero)])
+        _pack_into(codes, packed[n_full // 2 :])
+    return packed.reshape(-1, 1), absmax
 
 
 def double_quantize(absmax: torch.Tensor, *, blocksize: int = _NESTED_BLOCKSIZE, offset=None,
@@ -369,6 +422,28 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, *, dtype=None, back
 
         return dequantize_4bit_triton(flat, state, out_dtype).reshape(state.shape)
     absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
-    values = state.code.to(torch.float32)[unpack_4bit(flat, state.numel).to(torch.int64)]  # (n,)
-    y = (_blocks(values, state.blocksize) * absmax[:, None]).reshape(-1)[: state.numel]  # float32
-    return y.to(out_dtype).reshape(state.shape)
+    return _dequantize_torch(flat, tables.pair_table(state.code), absmax.to(torch.float32), state.numel,
+                             state.blocksize, out_dtype).reshape(state.shape)
+
+
+def _dequantize_torch(flat, pairs, absmax, n, blocksize, out_dtype):
+    """One gather of value pairs per byte, a float32 multiply, one rounding into ``out_dtype``."""
+    out = torch.empty(n, dtype=out_dtype, device=flat.device)
+    # float64 output: multiply in float32 first (step 7), then widen exactly.
+    work = out if out_dtype != torch.float64 else torch.empty(n, dtype=torch.float32, device=flat.device)
+    n_full = n // blocksize * blocksize
+    step = _step(flat.device, _CPU_DECODE_STEP, blocksize, n_full)
+    scratch = torch.empty(min(step, n_full) // 2, dtype=torch.int64, device=flat.device)
+    for start in range(0, n_full, step):
+        stop = min(start + step, n_full)
+        values = torch.index_select(pairs, 0, flat[start // 2 : stop // 2].to(torch.int32),
+                                    out=scratch[: (stop - start) // 2])
+        # float32 product, rounded once into the output's dtype by the out= cast
+        torch.mul(values.view(torch.float32).view(-1, blocksize), absmax[start // blocksize : stop // blocksize, None],
+                  out=work[start:stop].view(-1, blocksize))
+    if n_full < n:  # the partial last block
+        values = pairs.index_select(0, flat[n_full // 2 :].to(torch.int32)).view(torch.float32)[: n - n_full]
+        torch.mul(values, absmax[-1:], out=work[n_full:])
+    if work is not out:
+        out.copy_(work)
+    return out
