@@ -73,13 +73,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _check_input(t) -> torch.Tensor:
+def _check_input(t, finite: bool = True) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in DTYPES.values():
         raise TypeError(f"t has dtype {t.dtype}; expected float32, float16 or bfloat16")
     if t.numel() == 0:
         raise ValueError("t is empty: there is nothing to quantize")
+    return _check_finite(t) if finite else t
+
+
+def _check_finite(t: torch.Tensor) -> torch.Tensor:
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = int(torch.nonzero(~finite.reshape(-1))[0])
@@ -159,8 +163,8 @@ def _blocks(x_flat: torch.Tensor, blocksize: int) -> torch.Tensor:
 #: Elements per step of the CPU loops (whole blocks): small enough that the intermediates of a
 #: step stay in the cache and torch runs each op without a thread hand-off, which on a few
 #: shared cores costs more than the op. On CUDA one step covers the whole tensor.
-_CPU_QUANTIZE_STEP = 1 << 16
-_CPU_DECODE_STEP = 1 << 15
+_CPU_QUANTIZE_STEP = 1 << 18
+_CPU_DECODE_STEP = 1 << 18
 
 
 def _step(device: torch.device, elements: int, blocksize: int, total: int) -> int:
@@ -189,18 +193,23 @@ def _quantize_torch(t: torch.Tensor, blocksize: int, quant_type: str):
     zero = tables.ZERO_CODES[quant_type]
     n_full = n // blocksize * blocksize
     full = x[:n_full].view(-1, blocksize)  # (n_full_blocks, blocksize): the partial block apart
-    low, high = torch.aminmax(full, dim=1)
-    absmax = torch.maximum(low.neg(), high).to(torch.float32).abs_()  # max |x|; abs_ turns -0.0 into 0.0
-    if n_full < n:
-        absmax = torch.cat([absmax, x[n_full:].abs().amax().to(torch.float32).reshape(1)])
-    reciprocal = torch.reciprocal(absmax)  # float32 1/absmax (IEEE division); inf for a zero block
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=t.device)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=t.device)
     step = _step(t.device, _CPU_QUANTIZE_STEP, blocksize, n_full)
-    for start in range(0, n_full, step):
+    for start in range(0, n_full, step):  # absmax, scale, encode and pack, a step at a time
         stop = min(start + step, n_full)
         rows = slice(start // blocksize, stop // blocksize)
-        s = torch.mul(full[rows], reciprocal[rows, None]).view(-1)  # float32 multiply
+        low, high = torch.aminmax(full[rows], dim=1)
+        # max |x| (exact in the input dtype); abs_ turns a -0.0 maximum into 0.0
+        torch.maximum(low.neg(), high, out=absmax[rows]).abs_()
+        s = torch.mul(full[rows], torch.reciprocal(absmax[rows])[:, None]).view(-1)  # float32 multiply
         _pack_into(_encode(s, table), packed[start // 2 : stop // 2])
+    if n_full < n:
+        absmax[-1] = x[n_full:].abs().amax()
+    if not bool(torch.isfinite(absmax).all()):  # max |x| propagates NaN and Inf: no separate pass
+        _check_finite(t)
+    # float32 1/absmax (IEEE division); inf for a zero block (and for absmax below 2^-128)
+    reciprocal = torch.reciprocal(absmax)
     # Step 5: a zero scales to +-0, which the table sends to the zero code, except where the
     # reciprocal is inf (0 * inf = NaN): fix those blocks only.
     bad = torch.nonzero(torch.isinf(reciprocal[: n_full // blocksize])).reshape(-1)
@@ -344,11 +353,11 @@ def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf
     (['0xf0', '0x7c'], [1.0])
     """
     nested_on = _check_options(blocksize, quant_type, double_quant)
-    t = _check_input(t)
+    t = _check_input(t, finite=False)
     if resolve_backend(backend, t.device) == "triton":
         from qlora_gpu.triton_quantize import quantize_4bit_triton
 
-        packed, absmax = quantize_4bit_triton(t, blocksize, quant_type)
+        packed, absmax = quantize_4bit_triton(_check_finite(t), blocksize, quant_type)
     else:
         packed, absmax = _quantize_torch(t, blocksize, quant_type)
     common = dict(shape=tuple(t.shape), dtype=t.dtype, blocksize=blocksize, quant_type=quant_type,
