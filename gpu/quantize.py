@@ -173,22 +173,43 @@ def _step(device: torch.device, elements: int, blocksize: int, total: int) -> in
     return max(elements // blocksize, 1) * blocksize
 
 
-def _encode(s: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+class _Scratch:
+    """Buffers of one step, reused across steps: a fresh large tensor per op costs page faults
+    (on CPU more than the op itself)."""
+
+    def __init__(self, m: int, device: torch.device):
+        self.x = torch.empty(m, dtype=torch.float32, device=device)  # the step's input as float32
+        self.s = torch.empty(m, dtype=torch.float32, device=device)  # |x|, then the scaled values
+        self.index = torch.empty(m, dtype=torch.int32, device=device)
+        self.entry = torch.empty(m, dtype=torch.int64, device=device)
+        self.above = torch.empty(m, dtype=torch.bool, device=device)
+        self.codes = torch.empty(m, dtype=torch.uint8, device=device)
+        self.high = torch.empty(m // 2, dtype=torch.uint8, device=device)
+
+
+def _encode(s: torch.Tensor, table: torch.Tensor, scratch: _Scratch | None = None) -> torch.Tensor:
     """Codes (uint8) of scaled values ``s`` (flat float32): Note: the encoder's lookup table."""
+    m = s.numel()
+    if scratch is None:
+        scratch = _Scratch(m, s.device)
     high = 1 if sys.byteorder == "little" else 0
-    entry = table.index_select(0, s.view(torch.uint16)[high::2].to(torch.int32))  # (m,) int64
-    above = s > entry.view(torch.float32)[0::2]  # NaN compares False
+    index = scratch.index[:m]
+    index.copy_(s.view(torch.uint16)[high::2])  # the upper 16 bits of each float32
+    entry = torch.index_select(table, 0, index, out=scratch.entry[:m])  # (m,) int64
+    above = torch.gt(s, entry.view(torch.float32)[0::2], out=scratch.above[:m])  # NaN compares False
     as_bytes = entry.view(torch.uint8).view(-1, 8)
-    return torch.where(above, as_bytes[:, 5], as_bytes[:, 4])
+    return torch.where(above, as_bytes[:, 5], as_bytes[:, 4], out=scratch.codes[:m])
 
 
-def _pack_into(codes: torch.Tensor, out: torch.Tensor) -> None:
-    torch.bitwise_or(codes[0::2] << 4, codes[1::2], out=out)
+def _pack_into(codes: torch.Tensor, out: torch.Tensor, scratch: _Scratch | None = None) -> None:
+    even = codes[0::2] << 4 if scratch is None else torch.bitwise_left_shift(
+        codes[0::2], 4, out=scratch.high[: codes.numel() // 2])
+    torch.bitwise_or(even, codes[1::2], out=out)
 
 
 def _quantize_torch(t: torch.Tensor, blocksize: int, quant_type: str):
     n = t.numel()
-    x = t.reshape(-1)  # input dtype: converting to float32 is exact, and the multiply below promotes
+    x = t.reshape(-1)
     table = tables.encode_table(quant_type, t.device)
     zero = tables.ZERO_CODES[quant_type]
     n_full = n // blocksize * blocksize
@@ -196,14 +217,16 @@ def _quantize_torch(t: torch.Tensor, blocksize: int, quant_type: str):
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=t.device)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=t.device)
     step = _step(t.device, _CPU_QUANTIZE_STEP, blocksize, n_full)
+    scratch = _Scratch(min(step, n_full), t.device) if n_full else None
     for start in range(0, n_full, step):  # absmax, scale, encode and pack, a step at a time
         stop = min(start + step, n_full)
         rows = slice(start // blocksize, stop // blocksize)
-        low, high = torch.aminmax(full[rows], dim=1)
-        # max |x| (exact in the input dtype); abs_ turns a -0.0 maximum into 0.0
-        torch.maximum(low.neg(), high, out=absmax[rows]).abs_()
-        s = torch.mul(full[rows], torch.reciprocal(absmax[rows])[:, None]).view(-1)  # float32 multiply
-        _pack_into(_encode(s, table), packed[start // 2 : stop // 2])
+        xf = scratch.x[: stop - start].view(-1, blocksize)
+        xf.copy_(full[rows])  # exact conversion to float32
+        magnitude = torch.abs(xf, out=scratch.s[: stop - start].view(-1, blocksize))
+        torch.amax(magnitude, dim=1, out=absmax[rows])
+        s = torch.mul(xf, torch.reciprocal(absmax[rows])[:, None], out=magnitude).view(-1)  # float32 multiply
+        _pack_into(_encode(s, table, scratch), packed[start // 2 : stop // 2], scratch)
     if n_full < n:
         absmax[-1] = x[n_full:].abs().amax()
     if not bool(torch.isfinite(absmax).all()):  # max |x| propagates NaN and Inf: no separate pass
@@ -443,10 +466,12 @@ def _dequantize_torch(flat, pairs, absmax, n, blocksize, out_dtype):
     n_full = n // blocksize * blocksize
     step = _step(flat.device, _CPU_DECODE_STEP, blocksize, n_full)
     scratch = torch.empty(min(step, n_full) // 2, dtype=torch.int64, device=flat.device)
+    index = torch.empty(min(step, n_full) // 2, dtype=torch.int32, device=flat.device)
     for start in range(0, n_full, step):
         stop = min(start + step, n_full)
-        values = torch.index_select(pairs, 0, flat[start // 2 : stop // 2].to(torch.int32),
-                                    out=scratch[: (stop - start) // 2])
+        byte_index = index[: (stop - start) // 2]
+        byte_index.copy_(flat[start // 2 : stop // 2])
+        values = torch.index_select(pairs, 0, byte_index, out=scratch[: (stop - start) // 2])
         # float32 product, rounded once into the output's dtype by the out= cast
         torch.mul(values.view(torch.float32).view(-1, blocksize), absmax[start // blocksize : stop // blocksize, None],
                   out=work[start:stop].view(-1, blocksize))
