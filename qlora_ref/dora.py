@@ -36,8 +36,8 @@ from qlora_ref.lora import (
     _check_grad_y,
     _check_input,
     _check_mask,
+    _check_per_output,
     _check_scaling,
-    _float64,
 )
 
 __all__ = ["dora_weight_norm", "dora_forward", "dora_backward", "dora_merge"]
@@ -52,18 +52,13 @@ def _row_norm(V: np.ndarray) -> np.ndarray:
 
 
 def _check_magnitude(m, out_features: int) -> np.ndarray:
-    m = _float64("m", m)
-    if m.shape != (out_features,):
-        raise ValueError(f"the magnitude m has shape {m.shape}, expected ({out_features},)")
-    return m
+    return _check_per_output("the magnitude m", m, out_features)
 
 
 def _check_norm(weight_norm, out_features: int):
     if weight_norm is None:
         return None
-    n = _float64("weight_norm", weight_norm)
-    if n.shape != (out_features,):
-        raise ValueError(f"weight_norm has shape {n.shape}, expected ({out_features},)")
+    n = _check_per_output("weight_norm", weight_norm, out_features)
     if not np.all(n > 0):
         raise ValueError("weight_norm must be positive in every row")
     return n

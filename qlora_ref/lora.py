@@ -119,13 +119,16 @@ def _check_grad_y(grad_y, x: np.ndarray, out_features: int) -> np.ndarray:
     return grad_y
 
 
+def _check_per_output(name: str, value, out_features: int) -> np.ndarray:
+    """A float64 vector of one value per output feature (bias, DoRA magnitude or norm)."""
+    value = _float64(name, value)
+    if value.shape != (out_features,):
+        raise ValueError(f"{name} has shape {value.shape}, expected ({out_features},)")
+    return value
+
+
 def _check_bias(bias, out_features: int):
-    if bias is None:
-        return None
-    bias = _float64("bias", bias)
-    if bias.shape != (out_features,):
-        raise ValueError(f"bias has shape {bias.shape}, expected ({out_features},)")
-    return bias
+    return None if bias is None else _check_per_output("bias", bias, out_features)
 
 
 def _check_mask(dropout_mask, x: np.ndarray):
