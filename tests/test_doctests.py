@@ -6,8 +6,6 @@ import pkgutil
 
 import pytest
 
-import qlora_ref
-
 
 def _modules(package_name):
     try:
