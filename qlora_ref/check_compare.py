@@ -43,11 +43,11 @@ from qlora_ref.classify import (
     classify_packed,
 )
 from qlora_ref.double_quant import DYNAMIC_MAP, double_quantize
-from qlora_ref.quantize import blockwise_absmax, dequantize_4bit, unpack_4bit
+from qlora_ref.quantize import dequantize_4bit, unpack_4bit
 from qlora_ref.state import QuantState, numpy_dtype
 from qlora_ref.vectors import case_state
 
-__all__ = ["Row", "DERIVED", "RECIPROCAL_OVERFLOW", "check_quantize", "check_dequantize", "check_lora", "check_torchao"]
+__all__ = ["Row", "DERIVED", "check_quantize", "check_dequantize", "check_lora", "check_torchao"]
 
 #: Notes kept per row (the first ones: where the unexplained differences start).
 MAX_NOTES = 4
@@ -154,73 +154,6 @@ def _diagnose_nibbles(expected: np.ndarray, packed: np.ndarray, n: int) -> str |
     return None
 
 
-def _prefer_ties(diff: Differences, x, blocksize: int, quant_type: str, packed) -> Differences:
-    """Name a difference ``tie on a midpoint`` when ``x / absmax`` IS a midpoint, exactly.
-
-    ``classify_codes`` tries ``partial block division`` and ``approximate reciprocal`` before
-    ``tie on a midpoint``, and either rule can also move an exact midpoint to the upper entry;
-    but where the exact quotient is the midpoint (not only its float32 rounding) the tie is the
-    narrower explanation (with a power-of-two absmax the reciprocal is exact even under fast
-    math, and so is the division), so it takes precedence here. A product that merely rounds
-    onto a midpoint stays with the scaling classes: the tie there is an artefact of rounding.
-    """
-    from qlora_ref.quantize import _sorted_midpoints
-    from qlora_ref.codebooks import codebook
-
-    relabel = np.flatnonzero(np.isin(diff.classes, ["approximate reciprocal", "partial block division"]))
-    if relabel.size == 0:
-        return diff
-    index = diff.index[relabel]
-    x32 = np.asarray(x).astype(np.float32).reshape(-1)
-    absmax = blockwise_absmax(x32, blocksize)[index // blocksize]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = x32[index] * (np.float32(1) / absmax)
-        exact = x32[index].astype(np.float64) / absmax.astype(np.float64)  # float64 decides equality exactly
-    midpoints, order = _sorted_midpoints(codebook(quant_type))
-    position = np.searchsorted(midpoints, s, side="left")
-    nearest = midpoints[np.minimum(position, midpoints.size - 1)]
-    on_midpoint = (position < midpoints.size) & (nearest == s) & (exact == nearest.astype(np.float64))
-    upper = order[np.minimum(position + 1, order.size - 1)]
-    got = unpack_4bit(packed, x32.size)[index]
-    classes = diff.classes.astype(object)  # object: a longer class name must not be truncated
-    classes[relabel[on_midpoint & (upper == got)]] = "tie on a midpoint"
-    return Differences(diff.what, diff.compared, diff.index, classes.astype(str))
-
-
-#: Class of a code in a block whose float32 reciprocal overflows, encoded from the exact quotient.
-RECIPROCAL_OVERFLOW = "reciprocal overflow"
-
-
-def _overflowed_reciprocal(diff: Differences, x, blocksize: int, quant_type: str, packed) -> Differences:
-    """Name ``reciprocal overflow`` the unclassified codes of blocks whose ``1 / absmax`` is inf.
-
-    Below ``absmax ~ 2.9e-39`` (subnormal) the float32 reciprocal is infinite and the format's
-    rule sends every nonzero value to an end code; implementations disagree there
-    (bitsandbytes' CPU path clamps absmax to 1e-38, CUDA's fast math flushes subnormals), and
-    one that divides exactly gives the nearest code. A difference in such a block is this class
-    when the other code is the nearest entry to the exact quotient ``x / absmax``.
-    """
-    from qlora_ref.quantize import _sorted_midpoints
-    from qlora_ref.codebooks import codebook
-
-    pending = np.flatnonzero(diff.classes == UNCLASSIFIED)
-    pending = pending[diff.index[pending] < np.asarray(x).size]  # not the pad nibble
-    if pending.size == 0:
-        return diff
-    index = diff.index[pending]
-    x32 = np.asarray(x).astype(np.float32).reshape(-1)
-    absmax = blockwise_absmax(x32, blocksize)[index // blocksize]
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        overflow = np.isinf(np.float32(1) / absmax) & (absmax > 0)
-        exact = x32[index].astype(np.float64) / absmax.astype(np.float64)
-    midpoints, order = _sorted_midpoints(codebook(quant_type))
-    nearest = order[np.searchsorted(midpoints.astype(np.float64), exact, side="left")]
-    got = unpack_4bit(packed, x32.size)[index]
-    classes = diff.classes.astype(object)  # object: a longer class name must not be truncated
-    classes[pending[overflow & (nearest == got)]] = RECIPROCAL_OVERFLOW
-    return Differences(diff.what, diff.compared, diff.index, classes.astype(str))
-
-
 def _absmax_of(second):
     if isinstance(second, QuantState):
         return second.absmax
@@ -237,7 +170,6 @@ def check_quantize(impl, x, params, arrays, row: Row, name: str) -> None:
         packed_i = _as_uint8(packed_raw, n, f"{name} quantize", row)
         if packed_i is not None:
             diff = classify_packed(x, arrays["packed"], packed_i, blocksize=bs, quant_type=qt)
-            diff = _overflowed_reciprocal(_prefer_ties(diff, x, bs, qt, packed_i), x, bs, qt, packed_i)
             row.add(diff, f"{name} codes")
             hint = _diagnose_nibbles(arrays["packed"], packed_i, n) if diff.unclassified else None
             if hint:

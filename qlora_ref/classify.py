@@ -17,14 +17,21 @@ Note: difference classes
     - ``absmax clamp 1e-38``: the block's absmax is below 1e-38 and the other implementation
       scaled by the clamped ``max(absmax, 1e-38)`` (bitsandbytes' CPU path); it also stores the
       clamped absmax for a partial last block (``classify_absmax``).
+    - ``tie on a midpoint`` (exact): ``x / absmax`` IS a midpoint, exactly (not only its float32
+      rounding), and the other implementation took the upper entry. Tried before the scaling
+      classes: with such inputs (a power-of-two absmax) the reciprocal and the division are
+      exact too, so the tie is the narrower explanation.
     - ``partial block division``: an element of a partial last block, encoded from
       ``x / absmax`` (a float32 division) instead of ``x * (1 / absmax)`` (bitsandbytes' CPU path).
     - ``approximate reciprocal``: encoded with a reciprocal one float32 ulp away from the
       correctly rounded ``1 / absmax`` (CUDA builds with fast math).
-    - ``tie on a midpoint``: the scaled value is exactly a midpoint and the other
+    - ``tie on a midpoint``: the float32 scaled value is exactly a midpoint and the other
       implementation took the upper entry.
     - ``cuda fp4 thresholds``: FP4 encoded by bitsandbytes' CUDA comparison tree, whose
       decimal thresholds sit off the true midpoints and whose sign is ``x < 0``.
+    - ``reciprocal overflow``: the block's absmax is so small (below about 2.9e-39) that the
+      float32 reciprocal is infinite, and the other code is the nearest entry to the exact
+      quotient ``x / absmax`` (an implementation that divides exactly).
     - ``pad nibble``: the unused low nibble of an odd element count (``classify_packed``).
 
     Nested absmax codes (``classify_nested_codes``):
@@ -190,19 +197,23 @@ def classify_codes(x, codes, other_codes, *, blocksize: int, quant_type: str = "
         clamped = np.maximum(absmax, _CLAMP)
         s_clamp = np.where(partial, xi / clamped, xi * (np.float32(1) / clamped))
         claim("absmax clamp 1e-38", (absmax < _CLAMP) & (_encode(s_clamp, quant_type) == got))
-        claim("partial block division", partial & (_encode(xi / absmax, quant_type) == got))
         reciprocal = np.float32(1) / absmax
-        for direction in (np.inf, -np.inf):
-            s = xi * np.nextafter(reciprocal, np.float32(direction))
-            claim("approximate reciprocal", _encode(s, quant_type) == got)
         s = xi * reciprocal  # the oracle's scaled value
+        exact = xi.astype(np.float64) / absmax.astype(np.float64)  # float64 decides equality exactly
         midpoints, order = _sorted_midpoints(codebook(quant_type))
         position = np.searchsorted(midpoints, s, side="left")
-        on_midpoint = (position < midpoints.size) & (midpoints[np.minimum(position, midpoints.size - 1)] == s)
+        nearest_midpoint = midpoints[np.minimum(position, midpoints.size - 1)]
+        on_midpoint = (position < midpoints.size) & (nearest_midpoint == s)
         upper = order[np.minimum(position + 1, order.size - 1)]
+        claim("tie on a midpoint", on_midpoint & (exact == nearest_midpoint.astype(np.float64)) & (upper == got))
+        claim("partial block division", partial & (_encode(xi / absmax, quant_type) == got))
+        for direction in (np.inf, -np.inf):
+            claim("approximate reciprocal", _encode(xi * np.nextafter(reciprocal, np.float32(direction)), quant_type) == got)
         claim("tie on a midpoint", on_midpoint & (upper == got))
         if quant_type == "fp4":
             claim("cuda fp4 thresholds", _encode_cuda_fp4(s) == got)
+        nearest_exact = order[np.searchsorted(midpoints.astype(np.float64), exact, side="left")]
+        claim("reciprocal overflow", np.isinf(reciprocal) & (absmax > 0) & (nearest_exact == got))
     return _result("codes", x32.size, index, classes)
 
 
