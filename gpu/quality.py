@@ -316,8 +316,7 @@ def pretrain(cfg: ExperimentConfig, corpora: dict, *, seed: int = 1234, progress
     """Pretrain the base model on code; returns its state dict and the training losses."""
     torch.manual_seed(seed)
     model = TinyLM(cfg)
-    pretrain_cfg = cfg
-    _, losses = _train(model, corpora["pretrain"], pretrain_cfg, steps=cfg.pretrain_steps,
+    _, losses = _train(model, corpora["pretrain"], cfg, steps=cfg.pretrain_steps,
                        lr=cfg.pretrain_lr, seed=seed, progress=progress)
     return copy.deepcopy(model.state_dict()), losses
 
