@@ -5,5 +5,9 @@ check against the oracle, its bytes and FLOPs), ``checks`` (the comparisons), ``
 copy and a matmul measured in the same run), ``memory_model`` (stored bytes and one layer's
 memory), ``timing`` (timers), ``results`` (the JSON format), ``run_gpu`` (the GPU script), and
 the pytest cases ``test_*.py``. ``docs/scripts/benchmark_pages.py`` turns the JSON into
-``docs/benchmarks.md``; ``qlora-ref bench`` runs the suite and prints a summary.
+``docs/benchmarks.md``.
+
+Commands (from a source checkout): ``python -m benchmarks`` runs the suite and prints a summary
+(``summary``); ``python -m benchmarks.quality`` runs the quality experiment;
+``python -m benchmarks.cuda_check`` the CUDA checks and kernel timings.
 """

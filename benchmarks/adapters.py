@@ -1,6 +1,6 @@
 """Benchmark adapters: the native calls of each registered provider, for timing.
 
-Pairs with ``qlora_ref.registry`` (one registry of providers with fixed names: ``oracle``,
+Pairs with ``qlora_ref.conformance.providers`` (one registry of providers with fixed names: ``oracle``,
 ``torch``, ``triton``, ``bnb``, ``torchao``). The registry's protocol is NumPy in and out, which
 is right for checking and wrong for timing (the conversions would dominate), so each adapter
 here names the same provider and exposes its native calls on its native data: NumPy arrays for
@@ -312,7 +312,7 @@ class TorchaoAdapter(Adapter):
         return self._compile(layer)
 
     def to_oracle(self, nf4):
-        from qlora_ref.torchao_scheme import torchao_codebook
+        from qlora_ref.torchao_nf4 import torchao_codebook
 
         dtype = _dtype_name(nf4.dtype)
         nested = RefNested(scheme="torchao", codes=tensor_to_numpy(nf4.quantized_scalers).astype(np.int8).reshape(-1),
@@ -332,7 +332,7 @@ class TorchaoAdapter(Adapter):
                 "code": b(nf4.nf4)}
 
 
-#: Builders of the adapters, by registry name (``qlora_ref.registry.PROVIDERS``).
+#: Builders of the adapters, by registry name (``qlora_ref.conformance.providers.PROVIDERS``).
 ADAPTERS = {
     "oracle": OracleAdapter,
     "torch": lambda compiled=False: QloraGpuAdapter("torch", compiled),
@@ -348,14 +348,14 @@ def make_adapter(label: str) -> Adapter:
     Raises
     ------
     ValueError
-        If the name is not registered (the names are ``qlora_ref.registry.PROVIDERS``).
+        If the name is not registered (the names are ``qlora_ref.conformance.providers.PROVIDERS``).
 
     Examples
     --------
     >>> make_adapter("torchao+compile").label
     'torchao+compile'
     """
-    from qlora_ref.registry import PROVIDERS
+    from qlora_ref.conformance.providers import PROVIDERS
 
     name, _, suffix = label.partition("+")
     if name not in PROVIDERS or name not in ADAPTERS or suffix not in ("", "compile"):

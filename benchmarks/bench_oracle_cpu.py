@@ -14,7 +14,7 @@ Targets (issue 2): the oracle quantizes at least as fast as bitsandbytes
 (``t_bnb / t_oracle >= 1``) and dequantizes at least half as fast (``t_bnb / t_oracle >= 0.5``).
 
 Check, then time: before timing, the oracle's packed bytes must equal bitsandbytes' (first-level
-codes; the nested codes are classified with ``qlora_ref.classify``), and decoding bitsandbytes'
+codes; the nested codes are classified with ``qlora_ref.conformance.classify``), and decoding bitsandbytes'
 own state with the oracle must give its values bit for bit. Times are medians (with 20% and 80%
 quantiles) of ``--repeat`` calls, oracle and bitsandbytes interleaved call by call. Rates:
 elements/s, and GB/s from the bytes moved per element (written beside each case below), with a
@@ -34,10 +34,10 @@ import time
 import ml_dtypes
 import numpy as np
 
-from qlora_ref.bnb_format import from_bnb_state_dict
-from qlora_ref.classify import classify_nested_codes
+from qlora_ref.api import dequantize_4bit, quantize_4bit
+from qlora_ref.conformance.classify import classify_nested_codes
 from qlora_ref.double_quant import double_quantize
-from qlora_ref.quantize import dequantize_4bit, quantize_4bit
+from qlora_ref.formats.bnb import from_bnb_state_dict
 
 BLOCKSIZE = 64
 SHAPE = (4096, 4096)
@@ -136,8 +136,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="", help="write the results as JSON to this path")
     args = parser.parse_args(argv)
 
-    import torch
     import bitsandbytes.functional as F
+    import torch
 
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     n = x.size

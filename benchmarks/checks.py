@@ -4,7 +4,7 @@ Pairs with ``benchmarks/cases.py`` (which calls these once per case, then times)
 tolerance policy of ``tests/tolerances.py`` (loaded from there, so there is one policy):
 
 - quantize: packed codes bit for bit; the double-quantized absmax bit for bit, or every
-  difference in a named class of ``qlora_ref.classify`` (bitsandbytes' CPU path encodes the
+  difference in a named class of ``qlora_ref.conformance.classify`` (bitsandbytes' CPU path encodes the
   nested codes through a lookup table; an offset may differ by the rounding of a float32 sum);
 - decode: bit for bit against the oracle's ``dequantize_4bit`` of the provider's own state
   (so a decode is judged apart from its quantizer); torchao under ``torch.compile`` may differ
@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qlora_ref.classify import classify_nested_codes, classify_offset
+from qlora_ref.api import dequantize_4bit
+from qlora_ref.blockwise import blockwise_absmax, encode_4bit, pack_4bit
+from qlora_ref.conformance.classify import classify_nested_codes, classify_offset
 from qlora_ref.double_quant import double_quantize
-from qlora_ref.quantize import blockwise_absmax, dequantize_4bit, encode_4bit, pack_4bit
 from qlora_ref.state import NestedAbsmax, QuantState
 
 __all__ = ["CHECK_ELEMENTS", "checked_rows", "slice_state", "OracleReference", "decode_float32_intermediates",
@@ -177,7 +178,7 @@ class OracleReference:
         return where + "".join(f"; {f}" for f in found)
 
     def _check_torchao(self, packed, state) -> str:
-        from qlora_ref.torchao_scheme import quantize_torchao
+        from qlora_ref.torchao_nf4 import quantize_torchao
 
         T = tolerances()
         rows = checked_rows(self.shape, "torchao")
@@ -241,7 +242,7 @@ class OracleReference:
 def decode_float32_intermediates(packed: np.ndarray, state: QuantState, dtype: str) -> np.ndarray:
     """torchao's decode as ``torch.compile`` computes it: float32 throughout, one final rounding.
 
-    The format (``qlora_ref.torchao_scheme``, Note: torchao arithmetic) rounds every step to the
+    The format (``qlora_ref.torchao_nf4``, Note: torchao arithmetic) rounds every step to the
     stored dtype D. Inductor, by default (``torch._inductor.config.emulate_precision_casts``
     off), keeps the intermediates of a fused kernel in float32: ``scaler = q / factor + mean``
     and ``table[code] * scaler`` in float32, then one rounding to D (and the conversion to the
@@ -249,7 +250,7 @@ def decode_float32_intermediates(packed: np.ndarray, state: QuantState, dtype: s
     five by one or two units of D; with ``emulate_precision_casts`` on, the compiled decode
     equals the format bit for bit. This is a named alternative rule for checking, not a format.
     """
-    from qlora_ref.quantize import unpack_4bit
+    from qlora_ref.blockwise import unpack_4bit
     from qlora_ref.state import numpy_dtype
 
     nested = state.nested

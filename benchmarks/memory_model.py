@@ -1,7 +1,7 @@
 """Memory cases: stored bytes of every 4-bit format, and one layer's forward+backward memory.
 
 Pairs with ``qlora_ref.memory`` (``quantized_tensor_nbytes``: the formula of one stored tensor;
-Note: the model of memory) and ``qlora_ref.memory_activations`` (Note: activations kept for
+Note: the model of memory) and ``qlora_ref.memory.activations`` (Note: activations kept for
 backward), whose per-layer terms are written here for a single linear layer.
 
 - Stored bytes are summed from the real buffers of each provider (packed codes, absmax or its
@@ -54,7 +54,7 @@ FORMATS = (
 
 
 def torchao_nbytes(numel: int, dtype_bytes: int = 2, *, blocksize: int = 64, scaler_blocksize: int = 256) -> int:
-    """Stored bytes of torchao's NF4 format (``qlora_ref.torchao_scheme``).
+    """Stored bytes of torchao's NF4 format (``qlora_ref.torchao_nf4``).
 
     Notes
     -----

@@ -1,7 +1,7 @@
 """Results of a benchmark run: records with their rates, the machine, versions and date, as JSON.
 
 Written by ``benchmarks/conftest.py`` (CPU, pytest) and ``benchmarks/run_gpu.py`` (GPU) in one
-format, read by ``qlora_ref.bench_cli`` (``summary_table``, the text summary) and
+format, read by ``benchmarks.summary`` (``summary_table``, the text summary) and
 ``docs/scripts/benchmark_pages.py`` (the tables and figures of ``docs/benchmarks.md``).
 
 Note: results format

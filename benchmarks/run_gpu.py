@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("benchmarks.run_gpu: needs a CUDA GPU, and torch.cuda.is_available() is False on this machine "
               f"(torch {torch.__version__}); nothing was run. The CPU suite is `pytest benchmarks/ --quick` "
-              "or `qlora-ref bench`.", file=sys.stderr)
+              "or `python -m benchmarks`.", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

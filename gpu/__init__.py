@@ -21,7 +21,7 @@ Layers and models (``qlora_gpu.linear``, ``qlora_gpu.model``): ``QLoRALinear``,
 Checkpoints (``qlora_gpu.bnb_format``): ``to_bnb_state_dict``, ``from_bnb_state_dict``.
 
 Backends: ``"torch"`` runs anywhere; ``"triton"`` runs the kernels of
-``qlora_gpu.triton_quantize``, ``qlora_gpu.triton_dequantize`` and ``qlora_gpu.triton_matmul`` on
+``qlora_gpu.kernels.quantize``, ``qlora_gpu.kernels.dequantize`` and ``qlora_gpu.kernels.matmul`` on
 CUDA (or on CPU under ``TRITON_INTERPRET=1``); ``"auto"`` picks Triton for CUDA tensors.
 
 Examples
@@ -39,8 +39,17 @@ from qlora_gpu.bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from qlora_gpu.linear import QLoRALinear
 from qlora_gpu.lora import lora_backward, lora_forward, lora_scaling
 from qlora_gpu.matmul import matmul_4bit
-from qlora_gpu.model import adapter_state_dict, replace_linear_with_qlora, trainable_parameters
-from qlora_gpu.qlora import qlora_backward, qlora_base_weight, qlora_forward, qlora_linear
+from qlora_gpu.model import (
+    adapter_state_dict,
+    replace_linear_with_qlora,
+    trainable_parameters,
+)
+from qlora_gpu.qlora import (
+    qlora_backward,
+    qlora_base_weight,
+    qlora_forward,
+    qlora_linear,
+)
 from qlora_gpu.quantize import (
     dequantize_4bit,
     dequantize_absmax,

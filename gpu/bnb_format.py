@@ -1,6 +1,6 @@
 """One 4-bit layer's entries in a bitsandbytes state dict, on torch tensors.
 
-Fast pair of ``qlora_ref.bnb_format`` (same keys, same bytes; see its Note: bnb state-dict
+Fast pair of ``qlora_ref.formats.bnb`` (same keys, same bytes; see its Note: bnb state-dict
 layout): what ``bitsandbytes.nn.Linear4bit`` and Hugging Face transformers write to safetensors,
 so a ``QLoRALinear`` saves and loads real checkpoints. Written from the format's description;
 tests compare the bytes with the oracle and with bitsandbytes' own
@@ -26,8 +26,7 @@ import math
 from collections.abc import Mapping
 
 import torch
-
-from qlora_gpu import tables
+from qlora_gpu import codebooks
 from qlora_gpu.state import BLOCKSIZES, DTYPES, NestedAbsmax, QuantState, dtype_name
 
 __all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "pack_json", "unpack_json", "quant_state_key", "BASE_KEYS"]
@@ -47,7 +46,7 @@ def quant_state_key(quant_type: str) -> str:
     >>> quant_state_key("fp4")
     'weight.quant_state.bitsandbytes__fp4'
     """
-    if quant_type not in tables.CODEBOOKS:
+    if quant_type not in codebooks.CODEBOOKS:
         raise ValueError(f"unknown quant_type {quant_type!r}")
     return _QS_PREFIX + quant_type
 
@@ -149,7 +148,7 @@ def _read_meta(d: Mapping) -> tuple[str, dict, bool]:
     if len(keys) != 1:
         raise ValueError(f"expected exactly one '{_QS_PREFIX}<quant_type>' entry, found {sorted(keys)}")
     key = keys[0]
-    if key[len(_QS_PREFIX):] not in tables.CODEBOOKS or not key.startswith(_QS_PREFIX):
+    if key[len(_QS_PREFIX):] not in codebooks.CODEBOOKS or not key.startswith(_QS_PREFIX):
         raise ValueError(f"{key!r}: unknown quant type")
     meta = unpack_json(d[key])
     missing = [k for k in _JSON_KEYS if k not in meta]
@@ -185,7 +184,7 @@ def _read_meta(d: Mapping) -> tuple[str, dict, bool]:
 def from_bnb_state_dict(d: Mapping, device=None) -> tuple[torch.Tensor, QuantState]:
     """Read one layer's bitsandbytes entries back into packed codes and a state.
 
-    Fast pair of ``qlora_ref.bnb_format.from_bnb_state_dict``.
+    Fast pair of ``qlora_ref.formats.bnb.from_bnb_state_dict``.
 
     Parameters
     ----------
@@ -240,7 +239,7 @@ def from_bnb_state_dict(d: Mapping, device=None) -> tuple[torch.Tensor, QuantSta
                          f"{key!r} needs ({(numel + 1) // 2}, 1) bytes of packed codes")
     packed = w.contiguous().view(torch.uint8).reshape(-1, 1)
     table = _tensor(d, "weight.quant_map", torch.float32, (16,))
-    expected = tables.codebook(quant_type, table.device)
+    expected = codebooks.codebook(quant_type, table.device)
     if not torch.equal(table.view(torch.int32), expected.view(torch.int32)):
         raise ValueError(f"'weight.quant_map' is not the {quant_type} codebook")
     common = dict(shape=shape, dtype=DTYPES[meta["dtype"]], blocksize=blocksize, quant_type=quant_type, code=table)

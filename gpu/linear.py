@@ -30,15 +30,15 @@ State dict keys: ``weight``, ``bias``, ``weight.absmax``, ``weight.quant_map``,
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
-from torch import nn
-
 from qlora_gpu.bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from qlora_gpu.lora import lora_scaling
 from qlora_gpu.qlora import qlora_linear
 from qlora_gpu.quantize import dequantize_4bit, quantize_4bit
 from qlora_gpu.state import NestedAbsmax, QuantState, torch_dtype
+from torch import nn
 
 __all__ = ["QLoRALinear"]
 
@@ -315,7 +315,6 @@ class QLoRALinear(nn.Module):
 
 def _clone_state(state: QuantState) -> QuantState:
     """A copy of a state whose tensors own their memory (a loaded dict may be reused)."""
-    from dataclasses import replace
 
     nested = None
     if state.nested is not None:

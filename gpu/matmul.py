@@ -11,14 +11,13 @@ Public API
     ``x (..., K)`` float32/float16/bfloat16 (float64 on the torch backend), ``W (N, K)``;
     returns ``(..., N)`` in ``x.dtype``. With the Triton backend and at most
     ``FUSED_MAX_ROWS`` rows (and an even ``K``), the fused kernel of
-    ``qlora_gpu.triton_matmul`` reads the packed weight directly; otherwise the weight is decoded
+    ``qlora_gpu.kernels.matmul`` reads the packed weight directly; otherwise the weight is decoded
     once (one-pass kernel on Triton) and multiplied with ``torch.nn.functional.linear``.
 """
 
 from __future__ import annotations
 
 import torch
-
 from qlora_gpu.quantize import check_packed, dequantize_4bit, resolve_backend
 
 __all__ = ["matmul_4bit", "FUSED_MAX_ROWS"]
@@ -43,7 +42,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state, *, bias=None, back
     bias : Tensor, shape (N,), optional
         Added in float32 before the final rounding (fused kernel) or by ``linear``.
     backend : {"auto", "torch", "triton"}
-    config : qlora_gpu.triton_matmul.MatmulConfig, optional
+    config : qlora_gpu.kernels.matmul.MatmulConfig, optional
         Launch configuration of the fused kernel.
 
     Returns
@@ -84,7 +83,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state, *, bias=None, back
     x2d = x.reshape(-1, K)  # (M, K)
     M = x2d.shape[0]
     if backend == "triton" and 0 < M <= FUSED_MAX_ROWS and K % 2 == 0 and x.dtype in _FUSED_DTYPES:
-        from qlora_gpu.triton_matmul import matmul_4bit_triton
+        from qlora_gpu.kernels.matmul import matmul_4bit_triton
 
         y = matmul_4bit_triton(x2d, flat, state, bias=bias, config=config)
         return y.reshape(*x.shape[:-1], N)

@@ -25,9 +25,8 @@ from __future__ import annotations
 import re
 
 import torch  # noqa: F401  (the Examples pass torch dtypes)
-from torch import nn
-
 from qlora_gpu.linear import QLoRALinear
+from torch import nn
 
 __all__ = ["replace_linear_with_qlora", "adapter_state_dict", "trainable_parameters", "matches_target"]
 

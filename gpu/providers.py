@@ -1,4 +1,4 @@
-"""The fast path behind the provider protocol of ``qlora_ref.registry`` (``torch`` and ``triton``).
+"""The fast path behind the provider protocol of ``qlora_ref.conformance.providers`` (``torch`` and ``triton``).
 
 Registered there as ``qlora_gpu.providers:TorchProvider`` and
 ``qlora_gpu.providers:TritonProvider``; the tests, ``qlora-ref check`` and the benchmarks load
@@ -14,7 +14,6 @@ import os
 
 import numpy as np
 import torch
-
 from qlora_gpu.quantize import dequantize_4bit, quantize_4bit
 from qlora_gpu.state import QUANT_TYPES, QuantState, tensor_from_numpy, tensor_to_numpy
 

@@ -1,6 +1,6 @@
 """Blockwise 4-bit quantization and decoding on torch tensors (NF4, FP4, INT4), two backends.
 
-Fast pair of ``qlora_ref.quantize`` and ``qlora_ref.double_quant``: same names, same
+Fast pair of ``qlora_ref.blockwise`` and ``qlora_ref.double_quant``: same names, same
 signatures on tensors, same bits. Every rounding decision is the oracle's Note: quantization
 semantics and Note: nested encoding rule; this module does not restate them, it follows them.
 
@@ -16,7 +16,7 @@ Public API
 ``pack_4bit``, ``unpack_4bit``: the nibble layout (first element in the high nibble).
 
 Backends: ``"torch"`` (plain torch ops, any device), ``"triton"`` (the kernels of
-``qlora_gpu.triton_quantize`` and ``qlora_gpu.triton_dequantize``: CUDA tensors, or CPU tensors
+``qlora_gpu.kernels.quantize`` and ``qlora_gpu.kernels.dequantize``: CUDA tensors, or CPU tensors
 under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton for CUDA tensors, torch otherwise).
 
 Note: the double-quantization offset
@@ -33,9 +33,15 @@ import os
 import sys
 
 import torch
-
-from qlora_gpu import tables
-from qlora_gpu.state import BLOCKSIZES, DTYPES, QUANT_TYPES, NestedAbsmax, QuantState, torch_dtype
+from qlora_gpu import codebooks
+from qlora_gpu.state import (
+    BLOCKSIZES,
+    DTYPES,
+    QUANT_TYPES,
+    NestedAbsmax,
+    QuantState,
+    torch_dtype,
+)
 
 __all__ = [
     "quantize_4bit",
@@ -111,7 +117,7 @@ def _check_options(blocksize, quant_type, double_quant) -> bool:
 def pack_4bit(codes: torch.Tensor, quant_type: str = "nf4") -> torch.Tensor:
     """Pack 4-bit codes two per byte, the first in the high nibble.
 
-    Fast pair of ``qlora_ref.quantize.pack_4bit``.
+    Fast pair of ``qlora_ref.blockwise.pack_4bit``.
 
     Parameters
     ----------
@@ -130,7 +136,7 @@ def pack_4bit(codes: torch.Tensor, quant_type: str = "nf4") -> torch.Tensor:
     """
     codes = codes.reshape(-1).to(torch.uint8)
     if codes.numel() % 2:
-        pad = torch.full((1,), tables.ZERO_CODES[quant_type], dtype=torch.uint8, device=codes.device)
+        pad = torch.full((1,), codebooks.ZERO_CODES[quant_type], dtype=torch.uint8, device=codes.device)
         codes = torch.cat([codes, pad])
     return ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
 
@@ -138,7 +144,7 @@ def pack_4bit(codes: torch.Tensor, quant_type: str = "nf4") -> torch.Tensor:
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Unpack ``n`` 4-bit codes (uint8) from bytes, the first code in the high nibble.
 
-    Fast pair of ``qlora_ref.quantize.unpack_4bit``.
+    Fast pair of ``qlora_ref.blockwise.unpack_4bit``.
 
     Examples
     --------
@@ -214,8 +220,8 @@ def _pack_into(codes: torch.Tensor, out: torch.Tensor, scratch: _Scratch | None 
 def _quantize_torch(t: torch.Tensor, blocksize: int, quant_type: str):
     n = t.numel()
     x = t.reshape(-1)
-    table = tables.encode_table(quant_type, t.device)
-    zero = tables.ZERO_CODES[quant_type]
+    table = codebooks.encode_table(quant_type, t.device)
+    zero = codebooks.ZERO_CODES[quant_type]
     n_full = n // blocksize * blocksize
     full = x[:n_full].view(-1, blocksize)  # (n_full_blocks, blocksize): the partial block apart
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=t.device)
@@ -308,18 +314,18 @@ def double_quantize(absmax: torch.Tensor, *, blocksize: int = _NESTED_BLOCKSIZE,
         offset = (absmax.to(torch.float64).sum() / absmax.numel()).to(torch.float32)
     offset = torch.as_tensor(offset, dtype=torch.float32, device=absmax.device).reshape(())
     if resolve_backend(backend, absmax.device) == "triton":
-        from qlora_gpu.triton_quantize import double_quantize_triton
+        from qlora_gpu.kernels.quantize import double_quantize_triton
 
         codes, nested_absmax = double_quantize_triton(absmax, offset, blocksize)
     else:
         v = _blocks(absmax - offset, blocksize)  # (n_nested, blocksize) float32; padding is 0
         nested_absmax = v.abs().amax(dim=1)  # (n_nested,)
         s = v * torch.reciprocal(nested_absmax)[:, None]  # float32; NaN where 0 * inf
-        position = torch.searchsorted(tables.dynamic_midpoints(absmax.device), s.to(torch.float64).contiguous(),
+        position = torch.searchsorted(codebooks.dynamic_midpoints(absmax.device), s.to(torch.float64).contiguous(),
                                       right=False)
-        position = torch.where(torch.isnan(s), tables.DYNAMIC_ZERO_CODE, position)
+        position = torch.where(torch.isnan(s), codebooks.DYNAMIC_ZERO_CODE, position)
         codes = position.reshape(-1)[: absmax.numel()].to(torch.uint8)
-    return NestedAbsmax(codes=codes, absmax=nested_absmax, code=tables.dynamic_map(absmax.device).clone(),
+    return NestedAbsmax(codes=codes, absmax=nested_absmax, code=codebooks.dynamic_map(absmax.device).clone(),
                         offset=offset, blocksize=blocksize)
 
 
@@ -345,7 +351,7 @@ def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf
                   backend: str = "auto"):
     """Quantize a tensor blockwise to 4 bits, bit-identical with the oracle and bitsandbytes.
 
-    Fast pair of ``qlora_ref.quantize.quantize_4bit``.
+    Fast pair of ``qlora_ref.api.quantize_4bit``.
 
     Parameters
     ----------
@@ -382,13 +388,13 @@ def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf
     nested_on = _check_options(blocksize, quant_type, double_quant)
     t = _check_input(t, finite=False)
     if resolve_backend(backend, t.device) == "triton":
-        from qlora_gpu.triton_quantize import quantize_4bit_triton
+        from qlora_gpu.kernels.quantize import quantize_4bit_triton
 
         packed, absmax = quantize_4bit_triton(_check_finite(t), blocksize, quant_type)
     else:
         packed, absmax = _quantize_torch(t, blocksize, quant_type)
     common = dict(shape=tuple(t.shape), dtype=t.dtype, blocksize=blocksize, quant_type=quant_type,
-                  code=tables.codebook(quant_type, t.device).clone())  # own copy: safetensors refuses shared memory
+                  code=codebooks.codebook(quant_type, t.device).clone())  # own copy: safetensors refuses shared memory
     if nested_on:
         return packed, QuantState(**common, nested=double_quantize(absmax, backend=backend))
     return packed, QuantState(**common, absmax=absmax)
@@ -423,7 +429,7 @@ def check_packed(packed, state: QuantState) -> torch.Tensor:
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, *, dtype=None, backend: str = "auto") -> torch.Tensor:
     """Decode a blockwise 4-bit tensor.
 
-    Fast pair of ``qlora_ref.quantize.dequantize_4bit``.
+    Fast pair of ``qlora_ref.api.dequantize_4bit``.
 
     Parameters
     ----------
@@ -454,11 +460,11 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, *, dtype=None, back
     flat = check_packed(packed, state)
     out_dtype = torch_dtype(state.dtype if dtype is None else dtype)
     if resolve_backend(backend, flat.device) == "triton":
-        from qlora_gpu.triton_dequantize import dequantize_4bit_triton
+        from qlora_gpu.kernels.dequantize import dequantize_4bit_triton
 
         return dequantize_4bit_triton(flat, state, out_dtype).reshape(state.shape)
     absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
-    return _dequantize_torch(flat, tables.pair_table(state.code), absmax.to(torch.float32), state.numel,
+    return _dequantize_torch(flat, codebooks.pair_table(state.code), absmax.to(torch.float32), state.numel,
                              state.blocksize, out_dtype).reshape(state.shape)
 
 

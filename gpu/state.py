@@ -23,8 +23,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import ml_dtypes
 import numpy as np
 import torch
+
+from qlora_ref.state import NestedAbsmax as RefNested
+from qlora_ref.state import QuantState as RefState
 
 __all__ = [
     "QuantState",
@@ -109,8 +113,6 @@ def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     """
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
@@ -271,9 +273,6 @@ class QuantState:
 
     def to_oracle(self):
         """Return the equivalent ``qlora_ref.QuantState`` (NumPy arrays on the host)."""
-        from qlora_ref.state import NestedAbsmax as RefNested
-        from qlora_ref.state import QuantState as RefState
-
         nested = None
         if self.nested is not None:
             n = self.nested

@@ -1,7 +1,7 @@
 """The 4-bit codebooks: NF4 (normative table and its derivation), bitsandbytes' FP4, uniform INT4.
 
 A codebook is a sorted float32 array of 16 values in [-1, 1]; a 4-bit code is an index into it.
-Quantization scales a block by its absmax and picks the nearest entry (``qlora_ref.quantize``).
+Quantization scales a block by its absmax and picks the nearest entry (``qlora_ref.blockwise``).
 
 Fast pairs: ``qlora_gpu`` imports these tables as data (``NF4_CODEBOOK`` and friends); it never
 calls the functions here.
@@ -192,7 +192,7 @@ def normal_float_offset(bits: int) -> float:
     return 1.0 - (1.0 / (2 * n) + 1.0 / (2 * (n - 1))) / 2.0
 
 
-def _linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
+def linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
     """float32 ``linspace`` as torch's CPU kernel computes it (the pipeline bitsandbytes uses).
 
     The step is ``(end - start) / (steps - 1)`` in float32; the first half is
@@ -257,8 +257,8 @@ def normal_float_codebook(bits: int = 4, offset: float | None = None, *, pipelin
         raise ValueError(f"offset must lie in (0.5, 1), got {offset}")
     half = 2 ** (bits - 1)
     if pipeline == "float32":
-        p_pos = _linspace_float32(offset, 0.5, half + 1)[:-1]  # (half,)
-        p_neg = _linspace_float32(offset, 0.5, half)[:-1]  # (half - 1,)
+        p_pos = linspace_float32(offset, 0.5, half + 1)[:-1]  # (half,)
+        p_neg = linspace_float32(offset, 0.5, half)[:-1]  # (half - 1,)
         values = np.concatenate(
             [norm.ppf(p_pos.astype(np.float64)), [0.0], -norm.ppf(p_neg.astype(np.float64))]
         ).astype(np.float32)

@@ -31,13 +31,13 @@ from __future__ import annotations
 import numpy as np
 
 from qlora_ref.lora import (
-    _check_adapter,
-    _check_bias,
-    _check_grad_y,
-    _check_input,
-    _check_mask,
-    _check_per_output,
-    _check_scaling,
+    check_adapter,
+    check_bias,
+    check_grad_y,
+    check_input,
+    check_mask,
+    check_per_output,
+    check_scaling,
 )
 
 __all__ = ["dora_weight_norm", "dora_forward", "dora_backward", "dora_merge"]
@@ -52,13 +52,13 @@ def _row_norm(V: np.ndarray) -> np.ndarray:
 
 
 def _check_magnitude(m, out_features: int) -> np.ndarray:
-    return _check_per_output("the magnitude m", m, out_features)
+    return check_per_output("the magnitude m", m, out_features)
 
 
 def _check_norm(weight_norm, out_features: int):
     if weight_norm is None:
         return None
-    n = _check_per_output("weight_norm", weight_norm, out_features)
+    n = check_per_output("weight_norm", weight_norm, out_features)
     if not np.all(n > 0):
         raise ValueError("weight_norm must be positive in every row")
     return n
@@ -93,8 +93,8 @@ def dora_weight_norm(W, A, B, *, scaling) -> np.ndarray:
     >>> dora_weight_norm(np.array([[3.0, 4.0], [0.0, 2.0]]), np.zeros((1, 2)), np.zeros((2, 1)), scaling=1.0).tolist()
     [5.0, 2.0]
     """
-    W, A, B = _check_adapter(W, A, B)
-    s = _check_scaling(scaling)
+    W, A, B = check_adapter(W, A, B)
+    s = check_scaling(scaling)
     return _row_norm(W + s * (B @ A))
 
 
@@ -140,16 +140,16 @@ def dora_forward(x, W, A, B, m, *, scaling, bias=None, dropout_mask=None, weight
     >>> dora_forward(np.array([1.0, 1.0]), W, A, B, np.array([10.0]), scaling=1.0).tolist()
     [14.0]
     """
-    W, A, B = _check_adapter(W, A, B)
-    s = _check_scaling(scaling)
+    W, A, B = check_adapter(W, A, B)
+    s = check_scaling(scaling)
     out_features = W.shape[0]
     m = _check_magnitude(m, out_features)
     n = _check_norm(weight_norm, out_features)
     if n is None:
         n = _row_norm(W + s * (B @ A))
-    x = _check_input(x, W.shape[1])
-    bias = _check_bias(bias, out_features)
-    d = _check_mask(dropout_mask, x)
+    x = check_input(x, W.shape[1])
+    bias = check_bias(bias, out_features)
+    d = check_mask(dropout_mask, x)
     x_tilde = x if d is None else d * x  # (..., in)
     c = m / n  # (out,)
     base = x @ W.T  # (..., out)
@@ -209,8 +209,8 @@ def dora_backward(grad_y, x, W, A, B, m, *, scaling, dropout_mask=None, weight_n
     >>> gx.tolist(), gm.tolist()
     ([6.0, 8.0], [1.4])
     """
-    W, A, B = _check_adapter(W, A, B)
-    s = _check_scaling(scaling)
+    W, A, B = check_adapter(W, A, B)
+    s = check_scaling(scaling)
     out_features, in_features = W.shape
     m = _check_magnitude(m, out_features)
     n = _check_norm(weight_norm, out_features)
@@ -219,9 +219,9 @@ def dora_backward(grad_y, x, W, A, B, m, *, scaling, dropout_mask=None, weight_n
     V = W + s * (B @ A)  # (out, in)
     if n is None:
         n = _row_norm(V)
-    x = _check_input(x, in_features)
-    G = _check_grad_y(grad_y, x, out_features)
-    d = _check_mask(dropout_mask, x)
+    x = check_input(x, in_features)
+    G = check_grad_y(grad_y, x, out_features)
+    d = check_mask(dropout_mask, x)
     x_tilde = x if d is None else d * x
     c = m / n  # (out,)
 
@@ -269,8 +269,8 @@ def dora_merge(W, A, B, m, *, scaling) -> np.ndarray:
     >>> dora_merge(np.array([[3.0, 4.0]]), np.zeros((1, 2)), np.zeros((1, 1)), np.array([10.0]), scaling=1.0).tolist()
     [[6.0, 8.0]]
     """
-    W, A, B = _check_adapter(W, A, B)
-    s = _check_scaling(scaling)
+    W, A, B = check_adapter(W, A, B)
+    s = check_scaling(scaling)
     m = _check_magnitude(m, W.shape[0])
     V = W + s * (B @ A)  # (out, in)
     return (m / _row_norm(V))[:, None] * V

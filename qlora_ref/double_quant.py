@@ -5,8 +5,8 @@ quantization (QLoRA section 3, "Double Quantization") subtracts their mean and q
 result blockwise again, 256 constants per block, to 8-bit codes of the signed dynamic map, so a
 weight pays ``8/64 + 32/(64*256)`` bits for its constants instead of ``32/64``.
 
-Pairs with ``qlora_ref.quantize`` (which calls it when ``double_quant`` is set) and
-``qlora_ref.torchao_scheme`` (torchao's int8 linear alternative). Fast pair:
+Pairs with ``qlora_ref.blockwise`` (which calls it when ``double_quant`` is set) and
+``qlora_ref.torchao_nf4`` (torchao's int8 linear alternative). Fast pair:
 ``qlora_gpu.double_quantize``.
 
 Note: resolution of the nested level
@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from qlora_ref.codebooks import _linspace_float32
-from qlora_ref.state import NestedAbsmax
+from qlora_ref.codebooks import linspace_float32
+from qlora_ref.state import NESTED_BLOCKSIZE, NestedAbsmax
+from qlora_ref.torchao_nf4 import dequantize_scalers
 
 __all__ = ["dynamic_map", "DYNAMIC_MAP", "double_quantize", "dequantize_absmax", "encode_nearest"]
 
-_NESTED_BLOCKSIZE = 256
 
 
 def _build_dynamic_map() -> np.ndarray:
@@ -43,7 +43,7 @@ def _build_dynamic_map() -> np.ndarray:
     # scaled by float32(10^(i-6)) and by its negative; then 0 and 1.0. 127 + 127 + 2 values.
     values = []
     for i in range(7):
-        edges = _linspace_float32(0.1, 1.0, 2**i + 1)  # (2^i + 1,)
+        edges = linspace_float32(0.1, 1.0, 2**i + 1)  # (2^i + 1,)
         means = (edges[:-1] + edges[1:]) / np.float32(2.0)  # (2^i,) float32 midpoints
         scale = np.float32(10.0 ** (i - 6))
         values.append(means * scale)
@@ -126,7 +126,7 @@ def _blockwise_scale(v: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndar
     return absmax, scaled
 
 
-def double_quantize(absmax: np.ndarray, *, blocksize: int = _NESTED_BLOCKSIZE, offset=None) -> NestedAbsmax:
+def double_quantize(absmax: np.ndarray, *, blocksize: int = NESTED_BLOCKSIZE, offset=None) -> NestedAbsmax:
     """Quantize first-level absmax constants to 8 bits, bitsandbytes' scheme.
 
     Parameters
@@ -197,7 +197,7 @@ def dequantize_absmax(nested: NestedAbsmax) -> np.ndarray:
     ndarray, shape (n_blocks,)
         bnb: float32 ``float32(code[q] * nested_absmax[i // 256]) + offset`` (two roundings, as
         bitsandbytes' dequantize does; fused GEMMs that use one FMA can differ by 1 ulp).
-        torchao: the scalers in the input dtype (see ``qlora_ref.torchao_scheme``).
+        torchao: the scalers in the input dtype (see ``qlora_ref.torchao_nf4``).
 
     Raises
     ------
@@ -205,8 +205,6 @@ def dequantize_absmax(nested: NestedAbsmax) -> np.ndarray:
         If the arrays do not fit together.
     """
     if nested.scheme == "torchao":
-        from qlora_ref.torchao_scheme import dequantize_scalers
-
         return dequantize_scalers(nested)
     if nested.scheme != "bnb":
         raise ValueError(f"unknown double-quantization scheme {nested.scheme!r}")

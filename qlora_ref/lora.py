@@ -53,7 +53,7 @@ _FLOAT_DTYPES = (
 # Shared with qlora_ref.qlora and qlora_ref.dora (private to the package).
 
 
-def _float64(name: str, a) -> np.ndarray:
+def float64(name: str, a) -> np.ndarray:
     """Return ``a`` converted exactly to float64; TypeError unless a float NumPy array."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
@@ -64,7 +64,7 @@ def _float64(name: str, a) -> np.ndarray:
     return a.astype(np.float64)
 
 
-def _check_scaling(scaling) -> float:
+def check_scaling(scaling) -> float:
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
     s = float(scaling)
@@ -73,9 +73,9 @@ def _check_scaling(scaling) -> float:
     return s
 
 
-def _check_adapter(W, A, B) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def check_adapter(W, A, B) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Check ``W (out, in)``, ``A (r, in)``, ``B (out, r)`` with ``1 <= r <= min(in, out)``."""
-    W, A, B = _float64("W", W), _float64("A", A), _float64("B", B)
+    W, A, B = float64("W", W), float64("A", A), float64("B", B)
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (out, in), got shape {W.shape}")
     if A.ndim != 2 or B.ndim != 2:
@@ -88,11 +88,11 @@ def _check_adapter(W, A, B) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError(
             f"B has shape {B.shape} but W {W.shape} and A {A.shape} need B of shape ({out_features}, {r})"
         )
-    _check_rank(r, in_features, out_features)
+    check_rank(r, in_features, out_features)
     return W, A, B
 
 
-def _check_rank(r: int, in_features: int, out_features: int) -> None:
+def check_rank(r: int, in_features: int, out_features: int) -> None:
     if r == 0:
         raise ValueError("the adapter rank r is 0 (A has no rows); LoRA needs r >= 1")
     if r > min(in_features, out_features):
@@ -102,15 +102,15 @@ def _check_rank(r: int, in_features: int, out_features: int) -> None:
         )
 
 
-def _check_input(x, in_features: int) -> np.ndarray:
-    x = _float64("x", x)
+def check_input(x, in_features: int) -> np.ndarray:
+    x = float64("x", x)
     if x.ndim < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x has shape {x.shape}; its last dimension must be in_features = {in_features}")
     return x
 
 
-def _check_grad_y(grad_y, x: np.ndarray, out_features: int) -> np.ndarray:
-    grad_y = _float64("grad_y", grad_y)
+def check_grad_y(grad_y, x: np.ndarray, out_features: int) -> np.ndarray:
+    grad_y = float64("grad_y", grad_y)
     if grad_y.shape != x.shape[:-1] + (out_features,):
         raise ValueError(
             f"grad_y has shape {grad_y.shape}; x of shape {x.shape} and out_features = "
@@ -119,23 +119,23 @@ def _check_grad_y(grad_y, x: np.ndarray, out_features: int) -> np.ndarray:
     return grad_y
 
 
-def _check_per_output(name: str, value, out_features: int) -> np.ndarray:
+def check_per_output(name: str, value, out_features: int) -> np.ndarray:
     """A float64 vector of one value per output feature (bias, DoRA magnitude or norm)."""
-    value = _float64(name, value)
+    value = float64(name, value)
     if value.shape != (out_features,):
         raise ValueError(f"{name} has shape {value.shape}, expected ({out_features},)")
     return value
 
 
-def _check_bias(bias, out_features: int):
-    return None if bias is None else _check_per_output("bias", bias, out_features)
+def check_bias(bias, out_features: int):
+    return None if bias is None else check_per_output("bias", bias, out_features)
 
 
-def _check_mask(dropout_mask, x: np.ndarray):
+def check_mask(dropout_mask, x: np.ndarray):
     """Return the mask ``d`` as float64 (None stays None); it must have ``x``'s shape."""
     if dropout_mask is None:
         return None
-    d = _float64("dropout_mask", dropout_mask)
+    d = float64("dropout_mask", dropout_mask)
     if d.shape != x.shape:
         raise ValueError(f"dropout_mask has shape {d.shape}, but x has shape {x.shape}; they must match")
     return d
@@ -243,7 +243,7 @@ def lora_init(in_features, out_features, r, *, rng, scheme: str = "kaiming", dty
     r = _positive_int("r", r)
     if in_features == 0 or out_features == 0:
         raise ValueError(f"in_features and out_features must be >= 1, got {in_features} and {out_features}")
-    _check_rank(r, in_features, out_features)
+    check_rank(r, in_features, out_features)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     try:
@@ -305,11 +305,11 @@ def lora_forward(x, W, A, B, *, scaling, bias=None, dropout_mask=None) -> np.nda
     >>> lora_forward(np.array([3.0, 5.0]), W, A, B, scaling=2.0).tolist()
     [3.0, 11.0]
     """
-    W, A, B = _check_adapter(W, A, B)
-    s = _check_scaling(scaling)
-    x = _check_input(x, W.shape[1])
-    bias = _check_bias(bias, W.shape[0])
-    d = _check_mask(dropout_mask, x)
+    W, A, B = check_adapter(W, A, B)
+    s = check_scaling(scaling)
+    x = check_input(x, W.shape[1])
+    bias = check_bias(bias, W.shape[0])
+    d = check_mask(dropout_mask, x)
     x_tilde = x if d is None else d * x  # (..., in): the adapter's input
     y = x @ W.T  # (..., out)
     if bias is not None:
@@ -364,11 +364,11 @@ def lora_backward(grad_y, x, W, A, B, *, scaling, dropout_mask=None):
     >>> gx.tolist(), gA.tolist(), gB.tolist()
     ([3.0, 1.0], [[6.0, 10.0]], [[6.0], [6.0]])
     """
-    W, A, B = _check_adapter(W, A, B)
-    s = _check_scaling(scaling)
-    x = _check_input(x, W.shape[1])
-    G = _check_grad_y(grad_y, x, W.shape[0])
-    d = _check_mask(dropout_mask, x)
+    W, A, B = check_adapter(W, A, B)
+    s = check_scaling(scaling)
+    x = check_input(x, W.shape[1])
+    G = check_grad_y(grad_y, x, W.shape[0])
+    d = check_mask(dropout_mask, x)
     x_tilde = x if d is None else d * x
     in_features = W.shape[1]
     X = x_tilde.reshape(-1, in_features)  # (N, in): X~, leading dims flattened
@@ -384,9 +384,10 @@ def lora_backward(grad_y, x, W, A, B, *, scaling, dropout_mask=None):
     return grad_x, grad_A, grad_B
 
 
-def _delta(W, A, B, scaling):
-    W, A, B = _check_adapter(W, A, B)
-    s = _check_scaling(scaling)
+def lora_delta(W, A, B, scaling):
+    """Return ``(W, s * B @ A)`` in float64 after checking the adapter: the update LoRA adds to ``W``."""
+    W, A, B = check_adapter(W, A, B)
+    s = check_scaling(scaling)
     return W, s * (B @ A)  # (out, in)
 
 
@@ -419,7 +420,7 @@ def lora_merge(W, A, B, scaling) -> np.ndarray:
     >>> lora_merge(np.zeros((2, 2)), np.array([[1.0, 2.0]]), np.array([[1.0], [0.0]]), 0.5).tolist()
     [[0.5, 1.0], [0.0, 0.0]]
     """
-    W, delta = _delta(W, A, B, scaling)
+    W, delta = lora_delta(W, A, B, scaling)
     return W + delta
 
 
@@ -455,5 +456,5 @@ def lora_unmerge(W_merged, A, B, scaling) -> np.ndarray:
     >>> lora_unmerge(lora_merge(W, A, B, 2.0), A, B, 2.0).tolist()
     [[1.0, 2.0]]
     """
-    W_merged, delta = _delta(W_merged, A, B, scaling)
+    W_merged, delta = lora_delta(W_merged, A, B, scaling)
     return W_merged - delta

@@ -1,6 +1,6 @@
 """QLoRA in the oracle: LoRA on a 4-bit base weight, and what merging adapters into it costs.
 
-The base weight is stored as blockwise 4-bit codes (``qlora_ref.quantize``) and frozen; the
+The base weight is stored as blockwise 4-bit codes (``qlora_ref.blockwise``) and frozen; the
 adapters ``A``, ``B`` train in higher precision (QLoRA, Dettmers et al. 2023, section 3, eq. 5).
 Forward and backward are ``qlora_ref.lora``'s with the decoded base (see Note: QLoRA rounding).
 Fast pairs: ``qlora_gpu.qlora_forward`` / ``qlora_gpu.qlora_backward``; comparators in tests:
@@ -44,8 +44,9 @@ import math
 
 import numpy as np
 
-from qlora_ref.lora import _delta, lora_backward, lora_forward
-from qlora_ref.quantize import check_packed, dequantize_4bit, quantize_4bit, unpack_4bit
+from qlora_ref.api import dequantize_4bit, quantize_4bit
+from qlora_ref.blockwise import check_packed, unpack_4bit
+from qlora_ref.lora import lora_backward, lora_delta, lora_forward
 from qlora_ref.state import QuantState, dtype_name, numpy_dtype
 
 __all__ = ["qlora_base_weight", "qlora_forward", "qlora_backward", "merge_into_4bit", "merge_error"]
@@ -182,7 +183,7 @@ def qlora_backward(grad_y, x, packed, state, A, B, *, scaling, compute_dtype="bf
 def _exact_merged(packed, state, A, B, scaling) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(W + s B A, s B A)`` in float64, ``W`` the exactly (float32) decoded base."""
     W = qlora_base_weight(packed, state, compute_dtype="float32")  # (out, in)
-    W, delta = _delta(W, A, B, scaling)  # checks shapes, rank and scaling
+    W, delta = lora_delta(W, A, B, scaling)  # checks shapes, rank and scaling
     return W + delta, delta
 
 

@@ -1,6 +1,6 @@
 """``QuantState``: everything a blockwise 4-bit tensor stores besides its packed codes.
 
-Pairs with ``qlora_ref.quantize`` (which makes states) and ``qlora_ref.bnb_format`` (which writes
+Pairs with ``qlora_ref.blockwise`` (which makes states) and ``qlora_ref.formats.bnb`` (which writes
 and reads them as bitsandbytes state-dict entries). Fast pair: ``qlora_gpu.QuantState``.
 
 Note: storage accounting
@@ -18,10 +18,21 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-__all__ = ["QuantState", "NestedAbsmax", "BLOCKSIZES", "INPUT_DTYPES", "QUANT_TYPES", "dtype_name", "numpy_dtype"]
+__all__ = [
+    "QuantState",
+    "NestedAbsmax",
+    "BLOCKSIZES",
+    "NESTED_BLOCKSIZE",
+    "INPUT_DTYPES",
+    "QUANT_TYPES",
+    "dtype_name",
+    "numpy_dtype",
+]
 
 #: Block sizes bitsandbytes accepts; others are refused.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Absmax constants per nested block in bitsandbytes' double quantization (its ``blocksize=256``).
+NESTED_BLOCKSIZE = 256
 #: Input and output dtypes, by name.
 INPUT_DTYPES = {
     "float32": np.dtype(np.float32),
@@ -70,7 +81,7 @@ class NestedAbsmax:
     ----------
     scheme : {"bnb", "torchao"}
         ``"bnb"``: ``absmax - offset`` quantized blockwise to 8 bits with the signed dynamic map.
-        ``"torchao"``: torchao's int8 linear scheme (see ``qlora_ref.torchao_scheme``).
+        ``"torchao"``: torchao's int8 linear scheme (see ``qlora_ref.torchao_nf4``).
     codes : ndarray, shape (n_blocks,)
         uint8 codes (bnb) or int8 codes (torchao), one per first-level block.
     absmax : ndarray, shape (ceil(n_blocks / blocksize),)

@@ -164,7 +164,7 @@ def quantize_cases(draw, max_elements: int = 1500):
 @st.composite
 def absmax_arrays(draw, max_blocks: int = 700):
     """First-level absmax as quantization makes them: per-block ``max |x|`` of hard float32 data."""
-    from qlora_ref.quantize import blockwise_absmax
+    from qlora_ref.blockwise import blockwise_absmax
 
     x = draw(hard_arrays(dtype_name="float32", max_elements=max_blocks * 32, blocksize=32))
     return blockwise_absmax(x.reshape(-1), 32)

@@ -10,15 +10,20 @@ import re
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from tolerances import assert_bit_equal
 
 from qlora_ref import quantize_4bit
-from qlora_ref.adapters import adapter_forward, match_adapter, merged_weight, read_adapter
-from qlora_ref.checkpoint import read_checkpoint, write_checkpoint
 from qlora_ref.cli import main
 from qlora_ref.dora import dora_forward, dora_merge
+from qlora_ref.formats.checkpoint import read_checkpoint, write_checkpoint
+from qlora_ref.formats.peft import (
+    adapter_forward,
+    match_adapter,
+    merged_weight,
+    read_adapter,
+)
 from qlora_ref.lora import lora_forward, lora_merge
 from qlora_ref.qlora import qlora_base_weight
-from tolerances import assert_bit_equal
 
 P = "base_model.model."
 

@@ -2,7 +2,7 @@
 
 Quantization (dtype, block size, empty, NaN/Inf, unknown options), decoding with a state that
 does not match the packed data, double quantization, the torchao scheme, and bitsandbytes state
-dicts that are damaged in every way a reader must catch (``qlora_ref.bnb_format``).
+dicts that are damaged in every way a reader must catch (``qlora_ref.formats.bnb``).
 """
 
 import dataclasses
@@ -12,14 +12,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given
-
-from qlora_ref.bnb_format import from_bnb_state_dict, to_bnb_state_dict
-from qlora_ref.classify import classify_codes, classify_packed
-from qlora_ref.double_quant import double_quantize
-from qlora_ref.quantize import dequantize_4bit, quantize_4bit
-from qlora_ref.state import QuantState
-from qlora_ref.torchao_scheme import quantize_torchao
 from strategies import non_finite_arrays
+
+from qlora_ref.api import dequantize_4bit, quantize_4bit
+from qlora_ref.conformance.classify import classify_codes, classify_packed
+from qlora_ref.double_quant import double_quantize
+from qlora_ref.formats.bnb import from_bnb_state_dict, to_bnb_state_dict
+from qlora_ref.state import QuantState
+from qlora_ref.torchao_nf4 import quantize_torchao
 
 X = np.random.default_rng(0).standard_normal((8, 33)).astype(np.float32)  # 264 elements, partial block
 

@@ -14,13 +14,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from qlora_ref.check import check_implementations, format_report
+from qlora_ref.api import quantize_4bit
+from qlora_ref.blockwise import blockwise_absmax, decode_4bit, pack_4bit, unpack_4bit
 from qlora_ref.cli import main
 from qlora_ref.codebooks import codebook
-from qlora_ref.implementations import resolve
-from qlora_ref.quantize import blockwise_absmax, decode_4bit, pack_4bit, quantize_4bit, unpack_4bit
-from qlora_ref.registry import PROVIDERS
-
+from qlora_ref.conformance.implementations import resolve
+from qlora_ref.conformance.providers import PROVIDERS
+from qlora_ref.conformance.run import check_implementations, format_report
 
 # ----------------------------------------------------------------------------- broken implementations
 
@@ -198,7 +198,7 @@ def test_crash_counts_against_the_implementation():
     def boom(x, blocksize, quant_type):
         raise RuntimeError("kaput")
 
-    from qlora_ref.implementations import _from_functions
+    from qlora_ref.conformance.implementations import _from_functions
 
     rows = check_implementations([_from_functions("boom", boom, None)], rounds=0)
     assert _totals(rows)[0] > 0

@@ -14,10 +14,22 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 import pytest
+from tolerances import (
+    _as_numpy,
+    assert_bit_equal,
+    assert_derived,
+    assert_within,
+    derived_budget,
+)
 
-from qlora_ref.adapters import Adapter, adapter_forward, match_adapter, merged_weight, read_adapter
-from qlora_ref.checkpoint import read_checkpoint, write_checkpoint
-from tolerances import _as_numpy, assert_bit_equal, assert_derived, assert_within, derived_budget
+from qlora_ref.formats.checkpoint import read_checkpoint, write_checkpoint
+from qlora_ref.formats.peft import (
+    Adapter,
+    adapter_forward,
+    match_adapter,
+    merged_weight,
+    read_adapter,
+)
 
 
 def _bnb_decode(sd: dict, layer: str):
@@ -177,8 +189,8 @@ def test_bitsandbytes_layer_files_round_trip(tmp_path, quant_type, double_quant,
     bnb = pytest.importorskip("bitsandbytes")
     from safetensors.torch import save_file
 
-    from qlora_ref.classify import classify_decoded
-    from qlora_ref.quantize import unpack_4bit
+    from qlora_ref.blockwise import unpack_4bit
+    from qlora_ref.conformance.classify import classify_decoded
 
     torch.manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -6,7 +6,10 @@ installed its own tables are the comparator, bit for bit.
 
 import numpy as np
 import pytest
+from tolerances import assert_bit_equal
 
+from qlora_ref.api import quantize_4bit
+from qlora_ref.blockwise import unpack_4bit
 from qlora_ref.codebooks import (
     FP4_CODEBOOK,
     INT4_CODEBOOK,
@@ -21,8 +24,6 @@ from qlora_ref.codebooks import (
     zero_code,
 )
 from qlora_ref.double_quant import dynamic_map
-from qlora_ref.quantize import quantize_4bit, unpack_4bit
-from tolerances import assert_bit_equal
 
 
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:

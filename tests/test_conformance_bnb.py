@@ -3,7 +3,7 @@
 Tier "exact" where the two must agree bit for bit (packed bytes and absmax on ordinary data,
 the nested absmax, decoding the same state, the state-dict entries), tier "classified" where
 bitsandbytes' CPU path follows another rule: every difference must fall in a class of
-``qlora_ref.classify`` (see its Note: difference classes) and is counted. Classes met here:
+``qlora_ref.conformance.classify`` (see its Note: difference classes) and is counted. Classes met here:
 
 - ``absmax clamp 1e-38``: blocks whose absmax is below 1e-38 (bfloat16 subnormals): bnb scales
   by the clamped absmax and stores it clamped for a partial last block.
@@ -28,9 +28,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import example, given
+from strategies import DTYPES, blocksizes, bnb_quant_types, hard_arrays
+from tolerances import assert_bit_equal
 
-from qlora_ref.bnb_format import from_bnb_state_dict, to_bnb_state_dict
-from qlora_ref.classify import (
+from qlora_ref.api import dequantize_4bit, quantize_4bit
+from qlora_ref.blockwise import unpack_4bit
+from qlora_ref.conformance.classify import (
     UNCLASSIFIED,
     classify_absmax,
     classify_decoded,
@@ -39,10 +42,8 @@ from qlora_ref.classify import (
     classify_packed,
 )
 from qlora_ref.double_quant import double_quantize
-from qlora_ref.quantize import dequantize_4bit, quantize_4bit, unpack_4bit
+from qlora_ref.formats.bnb import from_bnb_state_dict, to_bnb_state_dict
 from qlora_ref.state import BLOCKSIZES
-from strategies import DTYPES, blocksizes, bnb_quant_types, hard_arrays
-from tolerances import assert_bit_equal
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")

@@ -6,20 +6,20 @@ Stored tensors (``quantized_data``, ``quantized_scalers``, ``quantization_factor
 Known class: ``offset ulp`` for the scaler mean of float32 inputs. torch sums the scalers in
 float32 in its own reduction order (threads and vector width decide it), the oracle rounds the
 exact sum once; the two can land an ulp apart. Where they do, the difference is classified by
-``qlora_ref.classify.classify_offset`` and the rest is checked with torchao's mean passed in.
+``qlora_ref.conformance.classify.classify_offset`` and the rest is checked with torchao's mean passed in.
 """
 
 import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import example, given
-
-from qlora_ref.classify import classify_offset
-from qlora_ref.quantize import dequantize_4bit, quantize_4bit
-from qlora_ref.state import NestedAbsmax, QuantState
-from qlora_ref.torchao_scheme import dequantize_torchao, quantize_torchao, torchao_codebook
 from strategies import torchao_arrays
 from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan
+
+from qlora_ref.api import dequantize_4bit, quantize_4bit
+from qlora_ref.conformance.classify import classify_offset
+from qlora_ref.state import NestedAbsmax, QuantState
+from qlora_ref.torchao_nf4 import dequantize_torchao, quantize_torchao, torchao_codebook
 
 torch = pytest.importorskip("torch")
 nf4_tensor = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")

@@ -28,4 +28,4 @@ def test_docstring_examples(name):
 
 
 def test_modules_found():
-    assert "qlora_ref.quantize" in MODULES
+    assert "qlora_ref.blockwise" in MODULES

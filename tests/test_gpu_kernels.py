@@ -28,13 +28,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import qlora_gpu as G  # noqa: E402
-import qlora_ref as R  # noqa: E402
+from qlora_gpu.kernels.dequantize import bytes_moved_dequantize  # noqa: E402
+from qlora_gpu.kernels.matmul import MatmulConfig, bytes_moved_matmul, default_config  # noqa: E402
 from qlora_gpu.state import NestedAbsmax, QuantState, tensor_from_numpy  # noqa: E402
-from qlora_gpu.triton_dequantize import bytes_moved_dequantize  # noqa: E402
-from qlora_gpu.triton_matmul import MatmulConfig, bytes_moved_matmul, default_config  # noqa: E402
 from strategies import absmax_arrays, quant_types, quantize_cases  # noqa: E402
 from test_gpu_quantize import assert_states_equal  # noqa: E402
 from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan, assert_derived  # noqa: E402
+
+import qlora_ref as R  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [
@@ -198,7 +199,7 @@ def test_bytes_moved_are_the_documented_ceilings():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no CUDA")
 def test_cuda_check_says_it_needs_cuda(tmp_path, capsys):
-    from qlora_gpu.cuda_check import main
+    from benchmarks.cuda_check import main
 
     assert main(["--out", str(tmp_path)]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -9,11 +9,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import qlora_ref as R  # noqa: E402
-from qlora_ref.registry import PROVIDERS, available_providers, load_provider  # noqa: E402
-from qlora_ref.state import numpy_dtype  # noqa: E402
-from qlora_ref.torchao_scheme import quantize_torchao  # noqa: E402
 from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan  # noqa: E402
+
+import qlora_ref as R  # noqa: E402
+from qlora_ref.conformance.providers import (  # noqa: E402
+    PROVIDERS,
+    available_providers,
+    load_provider,
+)
+from qlora_ref.state import numpy_dtype  # noqa: E402
+from qlora_ref.torchao_nf4 import quantize_torchao  # noqa: E402
 
 RNG = np.random.default_rng(7)
 X = (RNG.standard_normal((40, 96)) * RNG.uniform(0.1, 3, (40, 1))).astype(np.float32)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qlora_ref import quantize_4bit
-from qlora_ref.checkpoint import read_checkpoint, write_checkpoint
+from qlora_ref.formats.checkpoint import read_checkpoint, write_checkpoint
 from qlora_ref.state import numpy_dtype
 
 LAYERS = ("model.a", "model.b")
@@ -28,7 +28,7 @@ LAYERS = ("model.a", "model.b")
 
 def _valid_tensors() -> dict:
     """Two 4-bit layers (NF4 bf16 with double quantization; FP4 float32 without, odd size) and a bias."""
-    from qlora_ref.bnb_format import to_bnb_state_dict
+    from qlora_ref.formats.bnb import to_bnb_state_dict
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((24, 40)).astype(numpy_dtype("bfloat16"))
@@ -202,7 +202,6 @@ def _bnb_reference(path):
     import bitsandbytes.functional as F
     import torch
     from safetensors.torch import load_file
-
     from tolerances import _as_numpy
 
     try:
@@ -330,8 +329,8 @@ def test_fuzzed_files_fail_clearly_or_decode_as_bitsandbytes_does(tmp_path, muta
         theirs = reference.get(layer)
         assert theirs is not None, f"{what}: {layer} read by the oracle, refused by bitsandbytes"
         if ckpt.layers[layer].state.quant_type == "fp4":  # code 8: -0.0 in bnb's C++ CPU decoder
-            from qlora_ref.classify import classify_decoded
-            from qlora_ref.quantize import unpack_4bit
+            from qlora_ref.blockwise import unpack_4bit
+            from qlora_ref.conformance.classify import classify_decoded
 
             codes = unpack_4bit(ckpt.layers[layer].packed, ckpt.layers[layer].state.numel)
             diff = classify_decoded(codes, decoded, theirs.reshape(decoded.shape), quant_type="fp4")

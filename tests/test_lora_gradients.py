@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from strategies import lora_problems
+from tolerances import assert_bit_equal, assert_within
 
 from qlora_ref import (
     dora_backward,
@@ -45,11 +47,9 @@ from qlora_ref import (
     quantize_4bit,
     unpack_4bit,
 )
+from qlora_ref.api import dequantize_4bit
 from qlora_ref.codebooks import codebook
-from qlora_ref.quantize import dequantize_4bit
 from qlora_ref.state import numpy_dtype
-from strategies import lora_problems
-from tolerances import assert_bit_equal, assert_within
 
 U = 2.0**-53
 H = 2.0**-6  # the step; any step works for affine functions, a larger one rounds less

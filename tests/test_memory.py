@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import blocksizes
 
 from qlora_ref import quantize_4bit
 from qlora_ref.cli import main
@@ -37,8 +38,7 @@ from qlora_ref.memory import (
     quantized_tensor_nbytes,
     shape_from_config,
 )
-from qlora_ref.memory_activations import layer_activation_terms
-from strategies import blocksizes
+from qlora_ref.memory.activations import layer_activation_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 GB, GiB = 10**9, 2**30

@@ -37,6 +37,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 import ml_dtypes  # noqa: E402
+from tolerances import assert_bit_equal, assert_derived, assert_within  # noqa: E402
 
 from qlora_ref import (  # noqa: E402
     NestedAbsmax,
@@ -50,7 +51,6 @@ from qlora_ref import (  # noqa: E402
     lora_scaling,
     qlora_base_weight,
 )
-from tolerances import assert_bit_equal, assert_derived, assert_within  # noqa: E402
 
 R, ALPHA = 4, 12
 IN_FEATURES, OUT_FEATURES = 80, 48  # 3840 weights: 60 blocks of 64
@@ -127,7 +127,7 @@ def _oracle_state(base):
     theirs = bnb.functional.dequantize_4bit(base.weight.data, qs).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     assert_bit_equal(dequantize_4bit(packed, state, dtype="bfloat16"), theirs, "decoded NF4 base weight")
     try:
-        from qlora_ref.bnb_format import from_bnb_state_dict
+        from qlora_ref.formats.bnb import from_bnb_state_dict
     except ImportError:  # the state-dict reader is optional here; the direct state is checked above
         return packed, state
     entries = {k: v.numpy() for k, v in base.state_dict().items() if k.startswith("weight")}

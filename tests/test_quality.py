@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch", reason="the quality experiment needs torch")
-quality = pytest.importorskip("qlora_gpu.quality")
+quality = pytest.importorskip("benchmarks.quality")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,14 @@ import ml_dtypes
 import numpy as np
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
-
-from qlora_ref.codebooks import codebook, zero_code
-from qlora_ref.double_quant import DYNAMIC_MAP, dequantize_absmax, double_quantize
-from qlora_ref.quantize import blockwise_absmax, dequantize_4bit, pack_4bit, quantize_4bit, unpack_4bit
-from qlora_ref.state import INPUT_DTYPES
 from strategies import blocksizes, hard_arrays, quant_types, small_blocksizes
 from tolerances import assert_bit_equal
+
+from qlora_ref.api import dequantize_4bit, quantize_4bit
+from qlora_ref.blockwise import blockwise_absmax, pack_4bit, unpack_4bit
+from qlora_ref.codebooks import codebook, zero_code
+from qlora_ref.double_quant import DYNAMIC_MAP, dequantize_absmax, double_quantize
+from qlora_ref.state import INPUT_DTYPES
 
 EPS32 = 2.0**-24  # float32 unit roundoff
 TINY32 = 2.0**-149  # smallest float32 subnormal

@@ -19,8 +19,8 @@ stricter than the published one-sided bound.
 import numpy as np
 import pytest
 
-from qlora_ref.quantize import dequantize_4bit, quantize_4bit
-from qlora_ref.report import PUBLISHED_MEAN_ABS_ERROR
+from qlora_ref.api import dequantize_4bit, quantize_4bit
+from qlora_ref.cli.report import PUBLISHED_MEAN_ABS_ERROR
 from qlora_ref.state import BLOCKSIZES
 
 SIGMAS = 7

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from qlora_ref.cli import main
-from qlora_ref.quantize import dequantize_4bit, quantize_4bit, unpack_4bit
-from qlora_ref.vectors import FORMAT_VERSION, SHIPPED_DIR, case_state, load_case, read_manifest
 from tolerances import assert_bit_equal
+
+from qlora_ref.api import dequantize_4bit, quantize_4bit
+from qlora_ref.blockwise import unpack_4bit
+from qlora_ref.cli import main
+from qlora_ref.conformance.vectors import (
+    FORMAT_VERSION,
+    SHIPPED_DIR,
+    case_state,
+    load_case,
+    read_manifest,
+)
 
 
 def _files(root: Path) -> dict:
@@ -25,7 +32,7 @@ def test_regenerated_vectors_are_byte_identical(tmp_path):
     shipped, fresh = _files(SHIPPED_DIR), _files(tmp_path)
     assert sorted(fresh) == sorted(shipped), "the regenerated set has other file names"
     stale = [name for name in shipped if shipped[name] != fresh[name]]
-    assert not stale, f"{len(stale)} shipped files differ from a regeneration, first {stale[:3]}: run qlora-ref vectors --out qlora_ref/vectors"
+    assert not stale, f"{len(stale)} shipped files differ from a regeneration, first {stale[:3]}: run qlora-ref vectors --out qlora_ref/conformance/vectors"
 
 
 def test_shipped_set_is_small_and_covers_the_matrix():

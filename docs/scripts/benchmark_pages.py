@@ -22,7 +22,7 @@ OP_ORDER = ("quantize", "decode", "matmul", "layer")
 PROVIDER_ORDER = ("oracle", "torch", "triton", "bnb", "torchao", "torchao+compile", "dense", "dense-lora", "dense-full")
 
 sys.path.insert(0, str(ROOT))
-from qlora_ref.bench_cli import evaluate_targets  # noqa: E402
+from benchmarks.summary import evaluate_targets  # noqa: E402
 
 
 def _md_table(headers, rows) -> str:

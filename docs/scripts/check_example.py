@@ -36,7 +36,7 @@ def _family(name: str) -> str:
 
 def vector_cases() -> str:
     """A table of the shipped cases, grouped by family, from the manifest."""
-    from qlora_ref.vectors import read_manifest
+    from qlora_ref.conformance.vectors import read_manifest
 
     families: OrderedDict = OrderedDict()
     for case in read_manifest()["cases"]:

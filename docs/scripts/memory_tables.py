@@ -28,7 +28,7 @@ from qlora_ref.memory import (
     optimizer_state_nbytes,
     quantized_tensor_nbytes,
 )
-from qlora_ref.memory_activations import layer_activation_terms
+from qlora_ref.memory.activations import layer_activation_terms
 
 DOCS = Path(__file__).resolve().parents[1]
 GB, GiB, MB, MiB = 10**9, 2**30, 10**6, 2**20

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
-from qlora_ref import codebook, normal_float_codebook, quantize_4bit, dequantize_4bit
+from qlora_ref import codebook, dequantize_4bit, normal_float_codebook, quantize_4bit
+from qlora_ref.cli.report import PUBLISHED_MEAN_ABS_ERROR, round_trip_error
 from qlora_ref.codebooks import NF4_OFFSET
 from qlora_ref.double_quant import dequantize_absmax
-from qlora_ref.report import PUBLISHED_MEAN_ABS_ERROR, round_trip_error
 from qlora_ref.state import BLOCKSIZES
 
 DOCS = Path(__file__).resolve().parents[1]

@@ -1,0 +1,236 @@
+"""Triton kernel: fused 4-bit matrix product for small batches (1 to 16 rows), ``y = x W^T``.
+
+The decode-time product of a QLoRA base layer: ``x (M, K)`` in the compute dtype against a
+4-bit weight ``W (N, K)`` stored blockwise over its flat row-major layout. The kernel reads the
+packed bytes and the (double-quantized) absmax directly, decodes each tile in registers, and
+never writes the decoded weight to memory.
+
+Pairs with ``qlora_gpu.matmul_4bit`` (which calls it) and, in the oracle, with
+``x @ qlora_ref.dequantize_4bit(packed, state, dtype=compute_dtype).T`` (the base term of
+``qlora_ref.qlora.qlora_forward``): the decoded weight is rounded to the compute dtype before
+the product, products are accumulated in float32, and the result is rounded once. Tests hold it
+to the derived tolerance tier (the accumulation order differs from any reference).
+
+Design:
+- grid ``(cdiv(N, BLOCK_N), SPLIT_K)``: each program owns ``BLOCK_N`` output features and a
+  ``1 / SPLIT_K`` share of ``K``; ``SPLIT_K > 1`` writes float32 partials that the wrapper sums
+  (deterministic, no atomics), for the case ``N / BLOCK_N`` programs would not fill the GPU.
+- each step loads a ``(BLOCK_N, BLOCK_K / 2)`` tile of packed bytes (rows are contiguous, so
+  loads are coalesced along ``K``), splits nibbles into the even and odd columns, and loads
+  ``x`` as a ``(BLOCK_M, BLOCK_K / 2, 2)`` tile split the same way, so no interleave is needed:
+  ``x W^T = x_even W_even^T + x_odd W_odd^T``.
+- absmax: when ``K`` is a multiple of the block size each row of the tile holds whole groups
+  and one absmax per group is loaded and broadcast (``ALIGNED``); otherwise blocks cross rows
+  and the absmax is gathered per byte. Double-quantized absmax is decoded in the same step.
+- the product uses ``tl.dot`` (tensor cores, ``BLOCK_M = 16``) or, for a few rows, a broadcast
+  multiply and a sum over ``K`` on CUDA cores (``USE_DOT=False``).
+
+Bytes moved (the ceiling the benchmark compares against): the packed weight and its constants
+once, ``0.516 * N * K`` for NF4 block 64 with double quantization, plus ``x`` and ``y``
+(``2 * M * (K + N)`` in bf16), which for ``M <= 16`` and a 4096x14336 weight is under 0.5%.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from qlora_gpu.kernels.util import cast_rne, interpreting, launch_context
+
+__all__ = ["matmul_4bit_kernel", "matmul_4bit_triton", "MatmulConfig", "default_config", "CONFIGS",
+           "bytes_moved_matmul"]
+
+
+@triton.jit
+def _absmax_at(blk, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED: tl.constexpr):
+    """float32 absmax of first-level blocks ``blk`` (decoded from 8 bits when ``NESTED``)."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + blk // NESTED, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def matmul_4bit_kernel(
+    x_ptr,  # (M, K) compute dtype, unit stride along K
+    packed_ptr,  # (N * K / 2,) uint8, row-major W, first element of a byte in its high nibble
+    code_ptr,  # (16,) float32 codebook
+    absmax_ptr,  # (n_blocks,) float32, or uint8 codes when NESTED
+    nested_absmax_ptr,  # float32 (unused without NESTED)
+    nested_code_ptr,  # (256,) float32 (unused without NESTED)
+    offset_ptr,  # () float32 (unused without NESTED)
+    bias_ptr,  # (N,) any float dtype (unused without HAS_BIAS)
+    out_ptr,  # (M, N) compute dtype, or (SPLIT_K, M, N) float32 partials when SPLIT_K > 1
+    M, N, K,
+    stride_xm,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,  # nested block size, 0 without double quantization
+    ALIGNED: tl.constexpr,  # K % BLOCKSIZE == 0
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 (no TF32)
+    DOT_IN_FP32: tl.constexpr,  # True only under the interpreter with bfloat16 inputs
+):
+    HALF_K: tl.constexpr = BLOCK_K // 2  # packed bytes per tile row
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_in = offs_n < N
+    x_dtype = x_ptr.dtype.element_ty
+    half_k = K // 2  # bytes per row of W (K is even)
+    k_chunk = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_chunk
+    k_end = tl.minimum(k_start + k_chunk, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        j = k0 // 2 + tl.arange(0, HALF_K)  # (HALF_K,) byte column
+        w_mask = n_in[:, None] & (j < half_k)[None, :]
+        b = tl.load(packed_ptr + offs_n[:, None] * half_k + j[None, :], mask=w_mask, other=0)  # (BLOCK_N, HALF_K)
+        v_hi = tl.load(code_ptr + (b >> 4).to(tl.int32))  # codebook values of even columns
+        v_lo = tl.load(code_ptr + (b & 0x0F).to(tl.int32))  # odd columns
+        if ALIGNED:
+            # Each tile row holds G whole blocks (or lies inside one): one absmax per group.
+            G: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
+            per_row = K // BLOCKSIZE
+            blk = offs_n[:, None] * per_row + k0 // BLOCKSIZE + tl.arange(0, G)[None, :]  # (BLOCK_N, G)
+            g_mask = n_in[:, None] & ((k0 + tl.arange(0, G) * BLOCKSIZE) < K)[None, :]
+            a = _absmax_at(blk, g_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)
+            a = a[:, :, None]  # (BLOCK_N, G, 1), broadcast over the group's bytes
+            w_hi = tl.reshape(tl.reshape(v_hi, (BLOCK_N, G, HALF_K // G)) * a, (BLOCK_N, HALF_K))
+            w_lo = tl.reshape(tl.reshape(v_lo, (BLOCK_N, G, HALF_K // G)) * a, (BLOCK_N, HALF_K))
+        else:
+            blk = (offs_n[:, None] * K + 2 * j[None, :]) // BLOCKSIZE  # block of the even element
+            a = _absmax_at(blk, w_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)
+            w_hi = v_hi * a
+            w_lo = v_lo * a
+        w_hi = cast_rne(w_hi, x_dtype)  # the decoded weight in the compute dtype, as the oracle rounds it
+        w_lo = cast_rne(w_lo, x_dtype)
+        kk = k0 + 2 * tl.arange(0, HALF_K)  # (HALF_K,) even column index
+        x_offs = offs_m[:, None, None] * stride_xm + kk[None, :, None] + tl.arange(0, 2)[None, None, :]
+        x_mask = (offs_m < M)[:, None, None] & (kk < K)[None, :, None]
+        x_even, x_odd = tl.split(tl.load(x_ptr + x_offs, mask=x_mask, other=0.0))  # (BLOCK_M, HALF_K) each
+        if USE_DOT:
+            if DOT_IN_FP32:  # interpreter only: its dot multiplies bf16 bit patterns as integers
+                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)  # exact, as are the products
+                w_hi, w_lo = w_hi.to(tl.float32), w_lo.to(tl.float32)
+            acc = tl.dot(x_even, tl.trans(w_hi), acc, input_precision=PRECISION)
+            acc = tl.dot(x_odd, tl.trans(w_lo), acc, input_precision=PRECISION)
+        else:
+            prod = x_even.to(tl.float32)[:, None, :] * w_hi.to(tl.float32)[None, :, :]
+            prod += x_odd.to(tl.float32)[:, None, :] * w_lo.to(tl.float32)[None, :, :]
+            acc += tl.sum(prod, axis=2)
+    out_mask = (offs_m < M)[:, None] & n_in[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
+                 mask=out_mask)
+    else:
+        tl.store(out_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+
+
+class MatmulConfig(tuple):
+    """Launch configuration ``(BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, num_warps)``."""
+
+    __slots__ = ()
+
+    def __new__(cls, block_n, block_k, split_k, use_dot, num_warps):
+        return super().__new__(cls, (block_n, block_k, split_k, use_dot, num_warps))
+
+
+#: Candidate configurations for a sweep on the GPU (``benchmarks.cuda_check`` times them).
+CONFIGS = [
+    MatmulConfig(bn, bk, sk, dot, w)
+    for bn in (16, 32, 64)
+    for bk in (128, 256, 512)
+    for sk in (1, 2, 4)
+    for dot in (False, True)
+    for w in (4,)
+]
+
+
+def default_config(M: int, N: int, K: int) -> MatmulConfig:
+    """A reasonable configuration before tuning: enough programs to fill a large GPU.
+
+    Examples
+    --------
+    >>> default_config(1, 4096, 14336)
+    (32, 256, 2, False, 4)
+    """
+    block_n, block_k = 32, 256
+    programs = -(-N // block_n)
+    split_k = 1
+    while programs * split_k < 256 and K >= 2 * split_k * block_k * 4:
+        split_k *= 2
+    return MatmulConfig(block_n, block_k, split_k, M > 4, 4)
+
+
+def bytes_moved_matmul(state, M: int, x_dtype: torch.dtype) -> int:
+    """Bytes the fused product must move: packed weight and constants once, ``x`` and ``y``.
+
+    Examples
+    --------
+    >>> from qlora_gpu import quantize_4bit
+    >>> _, state = quantize_4bit(torch.zeros(1024, 4096), double_quant=True)
+    >>> round(bytes_moved_matmul(state, 1, torch.bfloat16) / state.numel, 4)
+    0.5186
+    """
+    N, K = state.shape
+    itemsize = torch.empty((), dtype=x_dtype).element_size()
+    return state.nbytes + itemsize * M * (K + N)
+
+
+def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, config=None) -> torch.Tensor:
+    """Run ``matmul_4bit_kernel``: ``y (M, N) = x2d (M, K) @ W^T (+ bias)`` in ``x2d.dtype``.
+
+    Called by ``qlora_gpu.matmul_4bit`` for ``M <= 16`` rows and even ``K``, which validates
+    the inputs. ``config`` (a ``MatmulConfig``) overrides ``default_config``.
+
+    Examples
+    --------
+    >>> from qlora_gpu import quantize_4bit
+    >>> packed, state = quantize_4bit(torch.eye(32), blocksize=32)
+    >>> x = torch.arange(32.0).reshape(1, 32)
+    >>> bool((matmul_4bit_triton(x, packed.reshape(-1), state) == x).all())
+    True
+    """
+    M, K = x2d.shape
+    N = state.shape[0]
+    block_n, block_k, split_k, use_dot, num_warps = config or default_config(M, N, K)
+    block_m = 16 if use_dot else max(1, triton.next_power_of_2(M))
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    if split_k == 1:
+        out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    else:
+        out = torch.empty((split_k, M, N), dtype=torch.float32, device=x2d.device)
+    if state.nested is None:
+        absmax, nested_absmax, nested_code, offset, nested = state.absmax, state.absmax, state.code, state.code, 0
+    else:
+        nest = state.nested
+        absmax, nested_absmax, nested_code, offset = nest.codes, nest.absmax, nest.code, nest.offset
+        nested = nest.blocksize
+    grid = (triton.cdiv(N, block_n), split_k)
+    dot_in_fp32 = use_dot and interpreting() and x2d.dtype == torch.bfloat16
+    with launch_context():
+        matmul_4bit_kernel[grid](
+            x2d, flat, state.code, absmax, nested_absmax, nested_code, offset,
+            bias if bias is not None else state.code, out, M, N, K, x2d.stride(0),
+            BLOCKSIZE=state.blocksize, NESTED=nested, ALIGNED=(K % state.blocksize == 0),
+            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+            USE_DOT=use_dot, PRECISION="ieee" if x2d.dtype == torch.float32 or dot_in_fp32 else "tf32",
+            DOT_IN_FP32=dot_in_fp32, num_warps=num_warps,
+        )
+    if split_k == 1:
+        return out
+    y = out.sum(dim=0)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x2d.dtype)

@@ -1,0 +1,46 @@
+"""The ``qlora-ref`` command line: one subcommand per module of this package.
+
+Each command module defines ``register(subparsers)``, which adds its parser and sets ``func``
+to a callable taking the parsed arguments and returning an exit status. Every command runs
+with the oracle alone (NumPy and SciPy); implementations that need torch reach ``check``
+through the provider registry's plug-in point (``qlora_ref.conformance.providers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qlora_ref.cli import check, inspect, memory, report, vectors
+
+__all__ = ["build_parser", "main", "COMMANDS"]
+
+#: Command modules, in the order ``--help`` lists them.
+COMMANDS = (report, memory, check, vectors, inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="qlora-ref",
+        description="QLoRA reference: the NumPy oracle, conformance checks, checkpoints and memory.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"qlora-ref {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

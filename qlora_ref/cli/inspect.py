@@ -1,0 +1,107 @@
+"""``qlora-ref inspect``: what a 4-bit checkpoint (and a PEFT adapter on it) holds.
+
+Reads with ``qlora_ref.formats.checkpoint`` and ``qlora_ref.formats.peft`` (so every validation of those
+readers applies) and prints one table of the 4-bit weights (name, shape, quant type, block size,
+double quantization, stored bytes, bits per parameter) and, with an adapter, one of its LoRA
+layers (rank, alpha, scaling, DoRA, the base weight it adapts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qlora_ref.formats.checkpoint import read_checkpoint
+from qlora_ref.formats.peft import match_adapter, read_adapter
+from qlora_ref.text_table import format_table
+
+__all__ = ["inspect_checkpoint", "inspect_adapter", "register"]
+
+
+def inspect_checkpoint(ckpt) -> tuple[list, list]:
+    """Return ``(headers, rows)`` of a checkpoint's 4-bit weights, sorted by name.
+
+    Examples
+    --------
+    >>> import tempfile, os, numpy as np
+    >>> from qlora_ref import quantize_4bit
+    >>> from qlora_ref.formats.checkpoint import read_checkpoint, write_checkpoint
+    >>> W = np.zeros((64, 256), np.float32)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     write_checkpoint(os.path.join(d, "m.safetensors"), {"proj": quantize_4bit(W, double_quant=True)})
+    ...     headers, rows = inspect_checkpoint(read_checkpoint(os.path.join(d, "m.safetensors")))
+    >>> rows[0][:5]
+    ['proj', '64x256', 'nf4', 64, 'yes']
+    """
+    headers = ["4-bit weight", "shape", "type", "block", "double quant", "stored bytes", "bits/param"]
+    rows = []
+    for name, layer in sorted(ckpt.layers.items()):
+        s = layer.state
+        rows.append([name or "(root)", "x".join(str(d) for d in s.shape), s.quant_type, s.blocksize,
+                     "yes" if s.double_quant else "no", layer.stored_bytes, f"{layer.bits_per_parameter:.3f}"])
+    return headers, rows
+
+
+def inspect_adapter(adapter, ckpt=None) -> tuple[list, list]:
+    """Return ``(headers, rows)`` of an adapter's LoRA layers; the base column needs ``ckpt``."""
+
+    bases = match_adapter(adapter, ckpt) if ckpt is not None else {}
+    headers = ["LoRA module", "rank", "alpha", "scaling", "DoRA", "in", "out", "base"]
+    rows = []
+    for module, layer in sorted(adapter.layers.items()):
+        rows.append([module, layer.r, f"{layer.alpha:g}", f"{layer.scaling:.4g}", "yes" if layer.use_dora else "no",
+                     layer.A.shape[1], layer.B.shape[0], bases.get(module, "-")])
+    return headers, rows
+
+
+def _is_adapter(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
+def _run(args) -> int:
+
+    path = Path(args.path)
+    adapter_path = Path(args.adapter) if args.adapter else None
+    ckpt = None
+    if _is_adapter(path) and adapter_path is None and not (path / "model.safetensors").is_file():
+        adapter_path = path
+    else:
+        ckpt = read_checkpoint(path)
+    adapter = read_adapter(adapter_path) if adapter_path is not None else None
+    tables = []
+    if ckpt is not None:
+        headers, rows = inspect_checkpoint(ckpt)
+        numel = sum(layer.state.numel for layer in ckpt.layers.values())
+        stored = sum(layer.stored_bytes for layer in ckpt.layers.values())
+        other = sum(int(a.nbytes) for a in ckpt.tensors.values())
+        summary = (f"{len(ckpt.layers)} 4-bit weights, {numel} parameters in {stored} bytes"
+                   + (f" ({8 * stored / numel:.3f} bits/param)" if numel else "")
+                   + f"; {len(ckpt.tensors)} other tensors in {other} bytes")
+        tables.append(("checkpoint", headers, rows, summary))
+    if adapter is not None:
+        headers, rows = inspect_adapter(adapter, ckpt)
+        c = adapter.config
+        summary = (f"{len(adapter.layers)} adapted modules; r={c.get('r')}, lora_alpha={c.get('lora_alpha')}, "
+                   f"use_rslora={bool(c.get('use_rslora', False))}, use_dora={bool(c.get('use_dora', False))}")
+        tables.append(("adapter", headers, rows, summary))
+    if args.json:
+        print(json.dumps({kind: {"rows": [dict(zip(h, r)) for r in rows], "summary": summary}
+                          for kind, h, rows, summary in tables}, indent=2))
+        return 0
+    out = []
+    for kind, headers, rows, summary in tables:
+        title = f"{'Checkpoint ' + str(path) if kind == 'checkpoint' else 'Adapter ' + str(adapter_path)}"
+        out += [format_table(headers, rows, title=title), summary, ""]
+    print("\n".join(out).rstrip())
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``qlora-ref inspect``."""
+    p = subparsers.add_parser("inspect", help="list the 4-bit weights of a checkpoint and the LoRA layers of an adapter",
+                              description="PATH: a safetensors file, a checkpoint folder (sharded or not) or a PEFT "
+                                          "adapter folder.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder to match against the checkpoint")
+    p.add_argument("--json", action="store_true", help="print the tables as JSON")
+    p.set_defaults(func=_run)

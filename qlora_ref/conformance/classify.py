@@ -1,0 +1,379 @@
+"""Name every difference between the oracle's 4-bit state and another implementation's.
+
+The "classified" tolerance tier (STYLE.md): codes from another implementation may differ from
+the oracle's only where a known, named rule of that implementation decides differently. Each
+class below is such a rule, written as an alternative encoder; a differing element belongs to
+the first class whose rule reproduces the other implementation's value, and anything no rule
+reproduces is ``"unclassified"`` (a bug in one of the two). NumPy only.
+
+Used by the conformance tests against bitsandbytes and by ``qlora-ref check``; pairs with
+``qlora_ref.blockwise`` and ``qlora_ref.double_quant`` (the rules the oracle itself follows).
+
+Note: difference classes
+    4-bit codes (``classify_codes``), in the order they are tried:
+
+    - ``all-zero block``: the block's absmax is 0, so every code decodes to zero (bitsandbytes'
+      CUDA kernel writes code 0 there, the oracle the zero code).
+    - ``absmax clamp 1e-38``: the block's absmax is below 1e-38 and the other implementation
+      scaled by the clamped ``max(absmax, 1e-38)`` (bitsandbytes' CPU path); it also stores the
+      clamped absmax for a partial last block (``classify_absmax``).
+    - ``tie on a midpoint`` (exact): ``x / absmax`` IS a midpoint, exactly (not only its float32
+      rounding), and the other implementation took the upper entry. Tried before the scaling
+      classes: with such inputs (a power-of-two absmax) the reciprocal and the division are
+      exact too, so the tie is the narrower explanation.
+    - ``partial block division``: an element of a partial last block, encoded from
+      ``x / absmax`` (a float32 division) instead of ``x * (1 / absmax)`` (bitsandbytes' CPU path).
+    - ``approximate reciprocal``: encoded with a reciprocal one float32 ulp away from the
+      correctly rounded ``1 / absmax`` (CUDA builds with fast math).
+    - ``tie on a midpoint``: the float32 scaled value is exactly a midpoint and the other
+      implementation took the upper entry.
+    - ``cuda fp4 thresholds``: FP4 encoded by bitsandbytes' CUDA comparison tree, whose
+      decimal thresholds sit off the true midpoints and whose sign is ``x < 0``.
+    - ``reciprocal overflow``: the block's absmax is so small (below about 2.9e-39) that the
+      float32 reciprocal is infinite, and the other code is the nearest entry to the exact
+      quotient ``x / absmax`` (an implementation that divides exactly).
+    - ``pad nibble``: the unused low nibble of an odd element count (``classify_packed``).
+
+    Nested absmax codes (``classify_nested_codes``):
+
+    - ``all-zero nested block``: the nested block's absmax is 0, every code decodes to 0.
+    - ``subnormal nested absmax``: the nested block's absmax is a float32 subnormal (below
+      2^-126), where the two sides' arithmetic parts ways (the oracle's reciprocal overflows
+      below 2^-128; bitsandbytes' C++ path divides, and may flush subnormals). Every code then
+      decodes to within ``2 * absmax < 2^-125`` of any other, far below float32's normal range.
+    - ``tie on a midpoint``: as above, for the dynamic map.
+    - ``approximate lookup table``: the other entry is at most two lookup-table cells
+      (``w = 2 / 65536``) farther from the scaled value ``s`` than the nearest entry.
+      bitsandbytes' CPU path (0.50) finds the entry through a 65536-entry table over [-1, 1]:
+      its pick is the nearest entry to some point ``p`` in the cell of ``s`` (``|p - s| <= w``),
+      so ``|s - other| <= |s - p| + |p - nearest| <= 2 w + |s - nearest|``. Near 0, where the
+      dynamic map is denser than the table, it can be several entries away.
+
+    The offset (``classify_offset``): ``offset ulp``, a float32 mean within the rounding error
+    of a float32 sum in some order (torch's reduction order differs from the correctly rounded
+    mean the oracle computes), and ``offset sum overflow``, an infinite offset from a float32
+    sum that overflowed (bitsandbytes then stores a broken state; the oracle's mean is finite).
+
+    Decoded values (``classify_decoded``): ``fp4 negative zero``, FP4 code 8 decoded as -0.0
+    (bitsandbytes' CUDA kernel and its C++ CPU kernel without AVX-512) instead of +0.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qlora_ref.blockwise import blockwise_absmax, sorted_midpoints, unpack_4bit
+from qlora_ref.codebooks import codebook
+from qlora_ref.double_quant import DYNAMIC_MAP
+
+__all__ = [
+    "Differences",
+    "UNCLASSIFIED",
+    "CUDA_FP4_THRESHOLDS",
+    "LUT_CELL",
+    "classify_codes",
+    "classify_packed",
+    "classify_absmax",
+    "classify_nested_codes",
+    "classify_offset",
+    "classify_decoded",
+]
+
+UNCLASSIFIED = "unclassified"
+#: bitsandbytes' CUDA FP4 encoder compares |x| strictly against these decimal literals (as
+#: float32) to pick the magnitude codes 0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011.
+CUDA_FP4_THRESHOLDS = np.array(
+    [0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333], dtype=np.float32
+)
+_CUDA_FP4_MAGNITUDE_CODES = np.array([0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011], dtype=np.uint8)
+#: Resolution of bitsandbytes' CPU lookup table for the nested 8-bit codes: [-1, 1] in 65536 cells.
+LUT_CELL = 2.0 / 65536
+_CLAMP = np.float32(1e-38)
+
+
+@dataclass(frozen=True)
+class Differences:
+    """The differing positions of one comparison and the class of each.
+
+    Attributes
+    ----------
+    what : str
+        What was compared ("codes", "absmax", "nested codes", ...).
+    compared : int
+        Number of elements compared.
+    index : ndarray, shape (k,), int64
+        Flat positions that differ.
+    classes : ndarray, shape (k,), str
+        The class of each difference (``UNCLASSIFIED`` when no rule explains it).
+    """
+
+    what: str
+    compared: int
+    index: np.ndarray
+    classes: np.ndarray
+
+    def counts(self) -> dict:
+        """Return ``{class: number of differences}``, classes sorted by name."""
+        names, n = np.unique(self.classes.astype(str), return_counts=True)
+        return {str(k): int(v) for k, v in zip(names, n)}
+
+    @property
+    def unclassified(self) -> int:
+        """Number of differences that no class explains."""
+        return int(np.sum(self.classes == UNCLASSIFIED))
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k}: {v}" for k, v in self.counts().items()) or "none"
+        return f"{self.what}: {self.index.size} of {self.compared} differ ({parts})"
+
+
+def _result(what, compared, index, classes) -> Differences:
+    return Differences(what, int(compared), np.asarray(index, dtype=np.int64),
+                       np.asarray(classes, dtype=object).astype(str) if len(classes) else np.array([], dtype=str))
+
+
+def _encode(s: np.ndarray, quant_type: str) -> np.ndarray:
+    """The oracle's rule on already scaled float32 values (midpoints, ties to the lower entry)."""
+    midpoints, order = sorted_midpoints(codebook(quant_type))
+    return order[np.searchsorted(midpoints, s, side="left")].astype(np.uint8)
+
+
+def _encode_cuda_fp4(s: np.ndarray) -> np.ndarray:
+    """bitsandbytes' CUDA FP4 tree: sign bit from ``s < 0``, magnitude by strict comparisons."""
+    magnitude = _CUDA_FP4_MAGNITUDE_CODES[np.searchsorted(CUDA_FP4_THRESHOLDS, np.abs(s), side="left")]
+    return magnitude | np.where(s < 0, np.uint8(8), np.uint8(0))
+
+
+def classify_codes(x, codes, other_codes, *, blocksize: int, quant_type: str = "nf4") -> Differences:
+    """Classify where another implementation's 4-bit codes differ from the oracle's.
+
+    Parameters
+    ----------
+    x : ndarray, any shape, float32, float16 or bfloat16
+        The quantized input.
+    codes, other_codes : ndarray, shape (n,), uint8
+        The oracle's codes (``quantize.encode_4bit``) and the other implementation's, unpacked.
+    blocksize : int
+    quant_type : {"nf4", "fp4", "int4"}
+
+    Returns
+    -------
+    Differences
+        ``what="codes"``; classes from Note: difference classes.
+
+    Raises
+    ------
+    ValueError
+        If the arrays do not have ``x.size`` elements.
+
+    Examples
+    --------
+    >>> x = np.array([0.0, 0.0, 1.0, 0.5], np.float32)
+    >>> codes = np.array([7, 7, 15, 12], np.uint8)      # the oracle: zero code in a zero block
+    >>> other = np.array([0, 0, 15, 12], np.uint8)      # CUDA: code 0 there
+    >>> str(classify_codes(x, codes, other, blocksize=2))
+    'codes: 2 of 4 differ (all-zero block: 2)'
+    """
+    x32 = np.asarray(x).astype(np.float32).reshape(-1)
+    codes = np.asarray(codes).reshape(-1)
+    other = np.asarray(other_codes).reshape(-1)
+    if codes.size != x32.size or other.size != x32.size:
+        raise ValueError(f"codes have {codes.size} and {other.size} elements, x has {x32.size}")
+    index = np.flatnonzero(codes != other)
+    if index.size == 0:
+        return _result("codes", x32.size, index, [])
+    absmax = blockwise_absmax(x32, blocksize)[index // blocksize]  # (k,) float32, per difference
+    xi, got = x32[index], other[index]
+    partial = (x32.size % blocksize != 0) & (index >= (x32.size // blocksize) * blocksize)
+    classes = np.full(index.size, UNCLASSIFIED, dtype=object)
+
+    def claim(name, mask):
+        classes[(classes == UNCLASSIFIED) & mask] = name
+
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore"):
+        claim("all-zero block", absmax == 0)
+        clamped = np.maximum(absmax, _CLAMP)
+        s_clamp = np.where(partial, xi / clamped, xi * (np.float32(1) / clamped))
+        claim("absmax clamp 1e-38", (absmax < _CLAMP) & (_encode(s_clamp, quant_type) == got))
+        reciprocal = np.float32(1) / absmax
+        s = xi * reciprocal  # the oracle's scaled value
+        exact = xi.astype(np.float64) / absmax.astype(np.float64)  # float64 decides equality exactly
+        midpoints, order = sorted_midpoints(codebook(quant_type))
+        position = np.searchsorted(midpoints, s, side="left")
+        nearest_midpoint = midpoints[np.minimum(position, midpoints.size - 1)]
+        on_midpoint = (position < midpoints.size) & (nearest_midpoint == s)
+        upper = order[np.minimum(position + 1, order.size - 1)]
+        claim("tie on a midpoint", on_midpoint & (exact == nearest_midpoint.astype(np.float64)) & (upper == got))
+        claim("partial block division", partial & (_encode(xi / absmax, quant_type) == got))
+        for direction in (np.inf, -np.inf):
+            claim("approximate reciprocal", _encode(xi * np.nextafter(reciprocal, np.float32(direction)), quant_type) == got)
+        claim("tie on a midpoint", on_midpoint & (upper == got))
+        if quant_type == "fp4":
+            claim("cuda fp4 thresholds", _encode_cuda_fp4(s) == got)
+        nearest_exact = order[np.searchsorted(midpoints.astype(np.float64), exact, side="left")]
+        claim("reciprocal overflow", np.isinf(reciprocal) & (absmax > 0) & (nearest_exact == got))
+    return _result("codes", x32.size, index, classes)
+
+
+def classify_packed(x, packed, other_packed, *, blocksize: int, quant_type: str = "nf4") -> Differences:
+    """Classify differences between two packed byte arrays of the same input.
+
+    The codes are unpacked and classified by ``classify_codes``; for an odd element count a
+    differing pad nibble (the low nibble of the last byte) is counted as ``pad nibble`` at
+    position ``n``.
+
+    Examples
+    --------
+    >>> x = np.array([1.0, -1.0, 0.5], np.float32)
+    >>> str(classify_packed(x, np.array([[0xF0], [0xC7]], np.uint8), np.array([[0xF0], [0xC0]], np.uint8),
+    ...                     blocksize=64))
+    'codes: 1 of 3 differ (pad nibble: 1)'
+    """
+    n = int(np.asarray(x).size)
+    a = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    b = np.asarray(other_packed, dtype=np.uint8).reshape(-1)
+    if a.size != (n + 1) // 2 or b.size != (n + 1) // 2:
+        raise ValueError(f"packed arrays hold {a.size} and {b.size} bytes, {n} elements need {(n + 1) // 2}")
+    result = classify_codes(x, unpack_4bit(a, n), unpack_4bit(b, n), blocksize=blocksize, quant_type=quant_type)
+    if n % 2 and (a[-1] & 0x0F) != (b[-1] & 0x0F):
+        return _result(result.what, n, np.append(result.index, n), list(result.classes) + ["pad nibble"])
+    return result
+
+
+def classify_absmax(x, absmax, other_absmax, *, blocksize: int) -> Differences:
+    """Classify where another implementation's float32 absmax differs from the oracle's.
+
+    Examples
+    --------
+    >>> x = np.array([1.0, 2.0, 1e-39], np.float32)   # a partial last block with a tiny absmax
+    >>> ours = np.array([2.0, 1e-39], np.float32)
+    >>> str(classify_absmax(x, ours, np.array([2.0, 1e-38], np.float32), blocksize=2))
+    'absmax: 1 of 2 differ (absmax clamp 1e-38: 1)'
+    """
+    a = np.asarray(absmax, dtype=np.float32).reshape(-1)
+    b = np.asarray(other_absmax, dtype=np.float32).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"absmax shapes differ: {a.shape} and {b.shape}")
+    index = np.flatnonzero(a.view(np.uint32) != b.view(np.uint32))
+    classes = np.where((a[index] < _CLAMP) & (b[index] == _CLAMP), "absmax clamp 1e-38", UNCLASSIFIED)
+    return _result("absmax", a.size, index, list(classes))
+
+
+def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, table=None) -> Differences:
+    """Classify where another implementation's nested (8-bit) absmax codes differ from the oracle's.
+
+    Parameters
+    ----------
+    values : ndarray, shape (n_blocks,), float32
+        ``absmax - offset`` with the offset both sides used (pass the other's offset to the
+        oracle's ``double_quantize`` first, so that only the encoding differs).
+    codes, other_codes : ndarray, shape (n_blocks,), uint8
+    blocksize : int
+        Constants per nested block.
+    table : ndarray, shape (256,), float32, optional
+        The map the codes index; default the dynamic map.
+
+    Examples
+    --------
+    >>> from qlora_ref.double_quant import DYNAMIC_MAP
+    >>> mid = (np.float64(DYNAMIC_MAP[200]) + np.float64(DYNAMIC_MAP[201])) / 2
+    >>> v = np.array([1.0, np.float32(mid + 1e-6)], np.float32)
+    >>> str(classify_nested_codes(v, np.array([255, 201], np.uint8), np.array([255, 200], np.uint8)))
+    'nested codes: 1 of 2 differ (approximate lookup table: 1)'
+    """
+    v = np.asarray(values, dtype=np.float32).reshape(-1)
+    a = np.asarray(codes).reshape(-1).astype(np.int64)
+    b = np.asarray(other_codes).reshape(-1).astype(np.int64)
+    t = np.asarray(DYNAMIC_MAP if table is None else table, dtype=np.float64)
+    index = np.flatnonzero(a != b)
+    n_nested = -(-v.size // blocksize)
+    padded = np.zeros(n_nested * blocksize, dtype=np.float64)
+    padded[: v.size] = np.abs(v)
+    c = padded.reshape(n_nested, blocksize).max(axis=1)[index // blocksize]  # nested absmax
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = v[index] / c  # float64: the exact ratio to within 2^-53
+    ai, bi = a[index], b[index]
+    midpoint = (t[np.minimum(ai, bi)] + t[np.maximum(ai, bi)]) / 2.0
+    classes = np.full(index.size, UNCLASSIFIED, dtype=object)
+    classes[c == 0] = "all-zero nested block"
+    classes[(c > 0) & (c < float(np.finfo(np.float32).tiny))] = "subnormal nested absmax"
+    rest = classes == UNCLASSIFIED
+    adjacent = np.abs(ai - bi) == 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled32 = (v[index] * (np.float32(1) / c.astype(np.float32))).astype(np.float64)  # the oracle's s
+    classes[rest & adjacent & (scaled32 == midpoint) & (bi > ai)] = "tie on a midpoint"
+    rest = classes == UNCLASSIFIED
+    excess = np.abs(s - t[bi]) - np.abs(s - t[ai])  # how much farther the other entry is
+    classes[rest & (excess <= 2 * LUT_CELL)] = "approximate lookup table"
+    return _result("nested codes", v.size, index, classes)
+
+
+def classify_offset(absmax, offset, other_offset) -> Differences:
+    """Classify a differing float32 double-quantization offset (the mean of the absmax).
+
+    Parameters
+    ----------
+    absmax : ndarray, shape (n_blocks,), float32
+        The first-level absmax both offsets are the mean of.
+    offset, other_offset : float32 scalars
+        The oracle's (the exact mean rounded once) and the other implementation's.
+
+    Returns
+    -------
+    Differences
+        ``what="offset"``, one element; the class is ``offset ulp`` when the other offset lies
+        within the worst-case error of a float32 sum of the n absmax values in any order,
+        ``(n - 1) * u * sum`` with ``u = 2**-24`` (Higham, "Accuracy and Stability of Numerical
+        Algorithms", section 4.2), plus the roundings of the division and of the oracle's mean;
+        ``offset sum overflow`` when the other offset is infinite because the float32 sum
+        overflowed (the exact sum exceeds the float32 maximum).
+
+    Examples
+    --------
+    >>> a = np.array([1.0, 2.0, 4.5], np.float32)
+    >>> str(classify_offset(a, np.float32(2.5), np.nextafter(np.float32(2.5), np.float32(3))))
+    'offset: 1 of 1 differ (offset ulp: 1)'
+    """
+    a = np.asarray(absmax, dtype=np.float32).reshape(-1).astype(np.float64)
+    ours = np.float32(offset)
+    other = np.float32(other_offset)
+    if ours.view(np.uint32) == other.view(np.uint32):
+        return _result("offset", 1, [], [])
+    u = 2.0**-24
+    total = float(np.abs(a).sum())
+    exact_mean = total / a.size
+    if not np.isfinite(other):
+        overflow = total > float(np.finfo(np.float32).max)
+        return _result("offset", 1, [0], ["offset sum overflow" if overflow else UNCLASSIFIED])
+    bound = (max(a.size - 1, 0) * u * total / a.size) + 2 * u * abs(exact_mean) + float(np.finfo(np.float32).smallest_subnormal)
+    name = "offset ulp" if abs(float(other) - exact_mean) <= bound else UNCLASSIFIED
+    return _result("offset", 1, [0], [name])
+
+
+def classify_decoded(codes, y, other_y, *, quant_type: str = "nf4") -> Differences:
+    """Classify where another implementation's decoded values differ bitwise from the oracle's.
+
+    Parameters
+    ----------
+    codes : ndarray, shape (n,), uint8
+        The codes both decoded.
+    y, other_y : ndarray, n elements, the same float dtype
+
+    Examples
+    --------
+    >>> y = np.array([0.0, 1.0], np.float32)
+    >>> str(classify_decoded(np.array([8, 3], np.uint8), y, np.array([-0.0, 1.0], np.float32), quant_type="fp4"))
+    'decoded: 1 of 2 differ (fp4 negative zero: 1)'
+    """
+    y, other = np.asarray(y).reshape(-1), np.asarray(other_y).reshape(-1)
+    if y.dtype != other.dtype or y.size != other.size:
+        raise ValueError(f"decoded arrays differ in dtype or size: {y.dtype}/{y.size} and {other.dtype}/{other.size}")
+    uint = np.dtype(f"u{y.dtype.itemsize}")
+    index = np.flatnonzero(y.view(uint) != other.view(uint))
+    c = np.asarray(codes).reshape(-1)[index]
+    a, b = y[index].astype(np.float32), other[index].astype(np.float32)
+    negative_zero = (quant_type == "fp4") & (c == 8) & (a == 0) & (b == 0)
+    return _result("decoded", y.size, index, list(np.where(negative_zero, "fp4 negative zero", UNCLASSIFIED)))
+

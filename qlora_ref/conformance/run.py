@@ -1,0 +1,246 @@
+"""Check implementations against the oracle, and name every difference (``qlora-ref check``).
+
+Runs each implementation (``qlora_ref.conformance.implementations``: the registered providers and user code
+given as ``module:function``) on the shipped golden vectors (``qlora_ref.conformance.vectors``) and on fresh
+random inputs, compares what it produces with the oracle's results (``qlora_ref.conformance.compare``,
+Note: what check compares), and prints one table: per implementation and group of cases, the
+values compared, those bit-identical, the differences in each named class
+(``qlora_ref.conformance.classify``) and the unexplained ones.
+
+Exit status: 1 when any difference is unexplained (with ``--strict``: any difference at all),
+2 on a usage error, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from qlora_ref.codebooks import codebook
+from qlora_ref.conformance.compare import (
+    Row,
+    check_dequantize,
+    check_lora,
+    check_quantize,
+    check_torchao,
+)
+from qlora_ref.conformance.vector_cases import quantize_case
+from qlora_ref.conformance.vectors import load_case, read_manifest
+from qlora_ref.state import BLOCKSIZES, numpy_dtype
+from qlora_ref.text_table import format_table
+
+__all__ = ["Row", "check_implementations", "format_report", "random_inputs"]
+
+
+def _group(case) -> str:
+    p = case["params"]
+    if case["kind"] in ("lora", "qlora"):
+        return "vectors lora"
+    return f"vectors {p['quant_type']}"
+
+
+def _run_case(impl, case, arrays, row: Row) -> None:
+    """One case under one implementation; an exception is a failure unless NotImplementedError."""
+    name = case["name"]
+    n = int(np.prod(case["params"].get("shape", [0]))) or int(arrays[next(iter(arrays))].size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with np.errstate(all="ignore"):
+                if case["kind"] == "quantize" and impl.quantize is not None:
+                    check_quantize(impl, arrays["input"], case["params"], arrays, row, name)
+                if case["kind"] in ("quantize", "dequantize") and impl.dequantize is not None:
+                    check_dequantize(impl, case, arrays, row, name)
+                if case["kind"] in ("lora", "qlora"):
+                    check_lora(impl, case, arrays, row, name)
+        row.cases += 1
+    except NotImplementedError:
+        row.skipped += 1
+    except Exception as exc:  # any crash on valid input counts against the implementation
+        row.cases += 1
+        row.fail(name, n, f"raised {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _applies(impl, case) -> bool:
+    p = case["params"]
+    if case["kind"] in ("lora", "qlora"):
+        return impl.lora_forward is not None or impl.lora_backward is not None
+    if case["kind"] not in ("quantize", "dequantize"):
+        return False
+    wanted = impl.quantize is not None or impl.dequantize is not None
+    return wanted and (impl.supports(p["quant_type"], False, p["blocksize"])
+                       or impl.supports(p["quant_type"], True, p["blocksize"]))
+
+
+# ----------------------------------------------------------------------------- random inputs
+
+
+def random_inputs(seed: int = 0, rounds: int = 1, max_elements: int = 40_000):
+    """Yield ``(quant_type, blocksize, x)`` random hard inputs for both quant types and all dtypes.
+
+    Each block of an input is one of: normal data at a random scale, all zeros, exact codebook
+    midpoints times a power-of-two absmax, subnormals, a single outlier. Element counts are odd
+    (a padded byte) and rarely a multiple of the block size.
+
+    Examples
+    --------
+    >>> [(q, x.dtype.name) for q, b, x in random_inputs(rounds=1)][:2]
+    [('nf4', 'float32'), ('nf4', 'float16')]
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        for quant_type in ("nf4", "fp4"):
+            for dtype in ("float32", "float16", "bfloat16"):
+                blocksize = int(rng.choice(BLOCKSIZES[:5]))
+                n = int(rng.integers(blocksize * 3, max_elements)) | 1
+                yield quant_type, blocksize, _hard_blocks(rng, n, blocksize, quant_type).astype(numpy_dtype(dtype))
+
+
+def _hard_blocks(rng, n: int, blocksize: int, quant_type: str) -> np.ndarray:
+
+    table = np.sort(codebook(quant_type))
+    midpoints = (table[:-1] + table[1:]) / np.float32(2)
+    x = np.empty(n, dtype=np.float64)
+    for start in range(0, n, blocksize):
+        m = min(blocksize, n - start)
+        kind = rng.choice(["normal", "normal", "normal", "zeros", "midpoints", "subnormal", "outlier"])
+        if kind == "normal":
+            block = rng.standard_normal(m) * 2.0 ** rng.uniform(-8, 8)
+        elif kind == "zeros":
+            block = np.zeros(m)
+        elif kind == "midpoints":
+            absmax = 2.0 ** int(rng.integers(-6, 6))
+            block = rng.choice(midpoints, m).astype(np.float64) * absmax
+            block[rng.integers(m)] = absmax
+        elif kind == "subnormal":
+            block = rng.integers(-100, 100, m) * 1.4e-45
+        else:
+            block = rng.standard_normal(m) * 0.01
+            block[rng.integers(m)] = 50.0
+        x[start:start + m] = block
+    return x.astype(np.float32)
+
+
+def _random_cases(seed: int, rounds: int):
+    """Random inputs as manifest-like cases, with the oracle's results as the expected arrays."""
+    for i, (quant_type, blocksize, x) in enumerate(random_inputs(seed, rounds)):
+        c = quantize_case(f"random-{i}-{quant_type}-b{blocksize}-{x.dtype.name}", x, blocksize=blocksize,
+                          quant_type=quant_type, description="", tags=[])
+        yield {"name": c.name, "kind": "quantize", "params": c.params}, c.arrays
+
+
+def _torchao_inputs(seed: int):
+    rng = np.random.default_rng(seed + 1)
+    for dtype in ("bfloat16", "float32"):
+        x = rng.standard_normal((64, 512)) * 0.02
+        x[rng.integers(0, 64, 3)] = 0.0  # a few all-zero rows: all-zero blocks
+        yield x.astype(numpy_dtype(dtype))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def check_implementations(impls, *, vectors_root=None, use_vectors: bool = True, seed: int = 0, rounds: int = 1,
+                          per_case: bool = False) -> list:
+    """Check implementations on the golden vectors and on random inputs.
+
+    Parameters
+    ----------
+    impls : list of qlora_ref.conformance.implementations.Implementation
+        Unavailable ones are skipped (their reason is reported by ``format_report``).
+    vectors_root : str or Path, optional
+        A golden-vector folder; default the shipped set.
+    use_vectors : bool
+        Run the golden vectors.
+    seed, rounds : int
+        The random inputs: ``rounds`` inputs per quant type and dtype (0 for none).
+    per_case : bool
+        One row per case instead of one per group.
+
+    Returns
+    -------
+    list of Row
+        One per implementation and group (or case), in run order.
+
+    Examples
+    --------
+    >>> from qlora_ref.conformance.implementations import resolve
+    >>> rows = check_implementations([resolve("oracle")], rounds=0)
+    >>> sum(r.unexplained for r in rows), sum(sum(r.classes.values()) for r in rows), rows[0].compared > 0
+    (0, 0, True)
+    """
+    rows: dict = {}
+
+    def row_for(impl, group):
+        key = (impl.name, group)
+        if key not in rows:
+            rows[key] = Row(impl.name, group)
+        return rows[key]
+
+    manifest = read_manifest(vectors_root) if use_vectors else {"cases": [], "root": None}
+    vector_cases = [c for c in manifest["cases"] if c["kind"] in ("quantize", "dequantize", "lora", "qlora")]
+    loaded = {}
+    for impl in impls:
+        if not impl.available:
+            continue
+        for case in vector_cases:
+            if not _applies(impl, case):
+                continue
+            if case["name"] not in loaded:
+                loaded[case["name"]] = load_case(case, manifest["root"])
+            _run_case(impl, case, loaded[case["name"]], row_for(impl, case["name"] if per_case else _group(case)))
+    with np.errstate(all="ignore"):  # subnormal blocks overflow the reciprocal, by design
+        random_cases = list(_random_cases(seed, rounds)) if rounds else []
+    for impl in impls:
+        if not impl.available:
+            continue
+        for case, arrays in random_cases:
+            if _applies(impl, case):
+                p = case["params"]
+                _run_case(impl, case, arrays, row_for(impl, case["name"] if per_case else f"random {p['quant_type']}"))
+        if rounds and impl.quantize is not None and impl.supports("nf4", "torchao", 64):
+            for i, x in enumerate(_torchao_inputs(seed)):
+                name = f"random-torchao-{i}-{x.dtype.name}"
+                row = row_for(impl, name if per_case else "random torchao scheme")
+                try:
+                    with warnings.catch_warnings(), np.errstate(all="ignore"):
+                        warnings.simplefilter("ignore")
+                        check_torchao(impl, x, row, name)
+                    row.cases += 1
+                except NotImplementedError:
+                    row.skipped += 1
+                except Exception as exc:
+                    row.cases += 1
+                    row.fail(name, x.size, f"raised {type(exc).__name__}: {str(exc)[:200]}")
+    order = {impl.name: i for i, impl in enumerate(impls)}
+    return sorted(rows.values(), key=lambda r: order[r.impl])  # stable: groups keep their run order
+
+
+def format_report(rows, impls, *, elapsed_s: float | None = None) -> str:
+    """Format the rows as one table, then the unavailable implementations and the notes."""
+    class_names = sorted({name for r in rows for name in r.classes})
+    headers = ["implementation", "cases", "compared", "exact"] + class_names + ["unexplained"]
+    table_rows = []
+    for r in rows:
+        label = f"{r.impl}: {r.group}"
+        table_rows.append([label, r.cases, r.compared, r.exact] + [r.classes.get(c, 0) for c in class_names]
+                          + [r.unexplained])
+    lines = [format_table(headers, table_rows, title="qlora-ref check: implementations against the oracle")]
+    skipped = [r for r in rows if r.skipped]
+    for r in skipped:
+        lines.append(f"{r.impl}: {r.group}: {r.skipped} case(s) not supported, skipped")
+    for impl in impls:
+        if not impl.available:
+            lines.append(f"{impl.name}: not checked ({impl.reason})")
+    total = sum(r.unexplained for r in rows)
+    explained = sum(sum(r.classes.values()) for r in rows)
+    for r in rows:
+        for note in r.notes:
+            lines.append(f"  {r.impl}: {note}")
+    summary = (f"{total} unexplained difference(s)" if total else "no unexplained differences") + \
+              f"; {explained} explained by a named class"
+    if elapsed_s is not None:
+        summary += f" ({elapsed_s:.1f} s)"
+    lines.append(summary)
+    return "\n".join(lines)

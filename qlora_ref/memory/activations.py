@@ -1,0 +1,207 @@
+"""Activations a fine-tune keeps for its backward pass, in bytes, and the transient peak.
+
+Pairs with ``qlora_ref.memory`` (which adds these items to the weights, adapters and optimizer
+state) and with what autograd really saves: ``tests/test_memory.py`` counts the tensors a
+transformers model with PEFT adapters hands to ``torch.autograd.graph.saved_tensors_hooks``
+and compares them with ``layer_activation_terms`` byte for byte.
+
+Note: activations kept for backward
+    Measured, not guessed: these are the tensors autograd saves in a transformers decoder
+    (LLaMA-style: pre-norm, RMSNorm, RoPE, SDPA attention, SwiGLU) with a frozen 4-bit base and
+    PEFT LoRA adapters, confirmed tensor by tensor with ``torch.autograd.graph.saved_tensors_hooks``
+    (``tests/test_memory.py``). Per token and per decoder layer, with ``h`` hidden size,
+    ``q = heads * head_dim``, ``kv = kv_heads * head_dim``, ``i`` intermediate size and ``c``
+    bytes of the compute dtype:
+
+    - each norm's input, in float32 (transformers' RMSNorm upcasts before normalizing; a
+      LayerNorm runs in float32 under autocast), plus its float32 statistics;
+    - the input of the adapted linear layers, once per distinct tensor, ``c`` bytes (a frozen
+      4-bit or 16-bit linear keeps nothing: its input gradient needs only ``W``; the LoRA
+      branch needs ``x`` for ``dA`` and ``A x`` for ``dB``); with LoRA dropout each adapter
+      keeps its own dropped copy and a mask (one byte, as CUDA's fused dropout keeps it);
+    - ``A x`` of every adapter: ``r`` values;
+    - attention: SDPA (flash or memory-efficient) keeps ``q``, ``k``, ``v`` after RoPE
+      (``q + 2 kv``), its output (``q``; the contiguous input of ``o_proj`` shares its storage)
+      and a float32 log-sum-exp per head; eager attention keeps ``q`` and ``k``, ``v`` repeated
+      to all heads (``3 q``), the float32 softmax and its compute-dtype copy (``heads * s``
+      each), and the input of ``o_proj`` only when it is adapted;
+    - SwiGLU MLP: the gate output, its activation and the up output (``3 i``), and the product
+      (``i``) only when ``down_proj`` is adapted; a plain MLP keeps the ``up_proj`` output and
+      the activation's output only when ``down_proj`` is adapted.
+
+    Once per step: the final norm's input (float32), the logits in the compute dtype (held by
+    the model's output) and in float32 (kept by the loss's log-softmax), the int64 labels, and
+    the RoPE cos/sin tables (``2 * s * head_dim``). Full fine-tuning adds what trainable weights
+    need: every linear input, each norm's normalized input, the head's input and the input ids.
+    With activation checkpointing each decoder layer keeps only its input (``h`` values in the
+    compute dtype) and the backward pass recomputes one layer at a time. All of a layer's
+    tensors are counted for every layer: this assumes the embedding output requires grad, as
+    ``prepare_model_for_kbit_training`` arranges (without it layer 0 keeps only what follows
+    its first adapter).
+
+    The standard estimate is Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+    Large Transformer Models", section 4.1): ``s b h (34 + 5 a s / h)`` bytes per layer for a
+    GPT layer trained in 16-bit with dropout. For the same layer fully fine-tuned this model
+    counts ``36 s b h`` plus the norm statistics and the log-sum-exp: it keeps the two norm
+    inputs in float32 (``+4``), has no dropout masks (``-2``), and with SDPA drops the
+    ``5 a s / h`` term (the attention scores are never stored). ``korthikanti_activation_bytes`` computes the published formula for comparison.
+"""
+
+from __future__ import annotations
+
+from qlora_ref.memory.shapes import NORMS, ModelShape
+from qlora_ref.state import INPUT_DTYPES
+
+__all__ = ["layer_activation_terms", "activation_items", "korthikanti_activation_bytes"]
+
+_FLOAT32 = 4
+_INT64 = 8
+
+
+def layer_activation_terms(model, setup) -> list:
+    """What one decoder layer keeps for backward without checkpointing, per token.
+
+    Parameters
+    ----------
+    model : qlora_ref.memory.shapes.ModelShape
+    setup : qlora_ref.memory.FinetuneSetup
+
+    Returns
+    -------
+    list of (str, int)
+        ``(what, bytes per token)``; the layer keeps ``sum(bytes) * batch * seq_len`` bytes.
+
+    Notes
+    -----
+    See Note: activations kept for backward.
+
+    Examples
+    --------
+    >>> from qlora_ref.memory import FinetuneSetup, model_shape
+    >>> terms = layer_activation_terms(model_shape("llama-2-7b"), FinetuneSetup())
+    >>> sum(nbytes for _, nbytes in terms)
+    171016
+    """
+    c = INPUT_DTYPES[setup.compute_dtype].itemsize
+    h, i, r, s = model.hidden_size, model.intermediate_size, setup.rank, setup.seq_len
+    layers = model.linear_layers()
+    q_dim, kv_dim = layers["q_proj"][0], layers["k_proj"][0]
+    adapted = set(setup.targets(model))
+    keeps_input = set(layers) if setup.full_finetune else adapted
+    norm_stats = NORMS[model.norm][1] * _FLOAT32
+    terms = []
+
+    def linear_inputs(what, width, readers):
+        """The input of ``readers`` (one tensor): kept once, or per adapter with dropout."""
+        users = [n for n in readers if n in keeps_input]
+        if not users:
+            return
+        if setup.lora_dropout and not setup.full_finetune:
+            terms.append((f"{what}: dropped copies and masks ({len(users)})", len(users) * width * (c + 1)))
+        else:
+            terms.append((what, width * c))
+
+    def norm(what):
+        terms.append((f"{what} norm input (float32) and statistics", h * _FLOAT32 + norm_stats))
+        if setup.full_finetune and model.norm == "rmsnorm":  # ``weight * x_hat`` keeps x_hat for the weight's
+            # gradient; a native LayerNorm recomputes x_hat from its saved statistics
+            terms.append((f"{what} norm normalized input", h * c))
+
+    norm("attention")
+    mlp_readers = ["gate_proj", "up_proj"] if model.mlp == "gated" else ["up_proj"]
+    if model.norms_per_layer == 1:  # parallel block: attention and MLP read one normalized tensor
+        linear_inputs("attention and MLP input", h, ["q_proj", "k_proj", "v_proj"] + mlp_readers)
+    else:
+        linear_inputs("q/k/v input", h, ["q_proj", "k_proj", "v_proj"])
+    if setup.attention == "sdpa":
+        terms.append(("q, k, v after RoPE", (q_dim + 2 * kv_dim) * c))
+        terms.append(("attention output and log-sum-exp", q_dim * c + model.num_heads * _FLOAT32))
+    else:
+        terms.append(("q, and k, v repeated to all heads", 3 * q_dim * c))
+        terms.append(("attention probabilities (float32 and compute dtype)", model.num_heads * s * (_FLOAT32 + c)))
+        linear_inputs("o_proj input", q_dim, ["o_proj"])
+    if setup.lora_dropout and not setup.full_finetune and setup.attention == "sdpa" and "o_proj" in adapted:
+        linear_inputs("o_proj input", q_dim, ["o_proj"])
+    if model.norms_per_layer == 2:
+        norm("MLP")
+        linear_inputs("MLP input", h, mlp_readers)
+    if model.mlp == "gated":
+        terms.append(("gate output, activation, up output", 3 * i * c))
+        linear_inputs("down_proj input (gate * up)", i, ["down_proj"])
+    else:
+        terms.append(("up_proj output (activation input)", i * c))
+        linear_inputs("down_proj input (activation output)", i, ["down_proj"])
+    if adapted:
+        terms.append((f"LoRA A x ({len(adapted)} adapters)", len(adapted) * r * c))
+    return terms
+
+
+def _item(name: str, category: str, nbytes: int, note: str = "") -> tuple:
+    return (name, category, nbytes, note)
+
+
+def activation_items(model, setup) -> list:
+    """Activation and transient-peak items of a fine-tuning step.
+
+    Returns
+    -------
+    list of (name, category, nbytes, note)
+        Category ``"activations"`` (kept from forward to backward) or ``"transient"`` (the
+        largest short-lived allocation of the backward pass).
+
+    Notes
+    -----
+    Without checkpointing ``L * b * s * sum(layer terms)``, with it ``L * b * s * h * c`` plus
+    one recomputed layer at a time; then the final norm's input, logits and labels, and the RoPE
+    tables (see Note: activations kept for backward).
+    """
+    c = INPUT_DTYPES[setup.compute_dtype].itemsize
+    tokens = setup.batch_size * setup.seq_len
+    h, v = model.hidden_size, model.vocab_size
+    layer_bytes = sum(b for _, b in layer_activation_terms(model, setup))  # per token
+    items = []
+    if setup.gradient_checkpointing:
+        items.append(_item("decoder layer inputs (checkpoints)", "activations", model.num_layers * tokens * h * c,
+                           note=f"{model.num_layers} layers x {h} values"))
+    else:
+        items.append(_item("decoder layers: tensors kept for backward", "activations",
+                           model.num_layers * tokens * layer_bytes, note=f"{layer_bytes} bytes per token per layer"))
+    final = h * _FLOAT32 + NORMS[model.norm][1] * _FLOAT32
+    if setup.full_finetune:  # the gradients of the head (its input) and the embeddings (the ids)
+        final += h * c + _INT64 + (h * c if model.norm == "rmsnorm" else 0)  # and the final norm's weight
+    items.append(_item("final norm input", "activations", tokens * final))
+    logits = v * c + (v * _FLOAT32 if c != _FLOAT32 else 0)
+    items.append(_item("logits and labels", "activations", tokens * (logits + _INT64),
+                       note=f"{setup.compute_dtype} + float32 for the loss" if c != _FLOAT32 else "float32"))
+    items.append(_item("RoPE cos/sin", "activations", 2 * setup.seq_len * model.head_dim * c))
+
+    logits_grad = tokens * (v * _FLOAT32 + (v * c if c != _FLOAT32 else 0))
+    recompute = tokens * layer_bytes if setup.gradient_checkpointing else 0
+    dequantized = 0
+    if setup.quant_type is not None:
+        dequantized = max(out_f * in_f for out_f, in_f in model.linear_layers().values()) * c
+    if recompute + dequantized > logits_grad:
+        what = "one recomputed layer + one dequantized weight" if recompute else "one dequantized weight"
+        items.append(_item("backward peak: " + what, "transient", recompute + dequantized))
+    else:
+        items.append(_item("backward peak: gradient of the logits", "transient", logits_grad))
+    return items
+
+
+def korthikanti_activation_bytes(model: ModelShape, *, batch_size: int, seq_len: int) -> int:
+    """Korthikanti et al. 2022, section 4.1: activation bytes of all layers, ``L s b h (34 + 5 a s / h)``.
+
+    For a GPT layer trained in 16-bit with dropout, no tensor or sequence parallelism, no
+    recomputation. Given for comparison with ``estimate_memory`` (see Note: activations kept
+    for backward).
+
+    Examples
+    --------
+    >>> from qlora_ref.memory.shapes import ModelShape
+    >>> gpt = ModelShape("gpt", hidden_size=1024, intermediate_size=4096, num_layers=1, num_heads=16,
+    ...                  num_kv_heads=16, vocab_size=50257, mlp="plain", norm="layernorm")
+    >>> korthikanti_activation_bytes(gpt, batch_size=1, seq_len=1024)
+    119537664
+    """
+    s, b, h, a = seq_len, batch_size, model.hidden_size, model.num_heads
+    return model.num_layers * (34 * s * b * h + 5 * a * s * s * b)
