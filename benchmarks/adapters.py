@@ -36,26 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qlora_gpu.state import tensor_to_numpy
 from qlora_ref.state import NestedAbsmax as RefNested
 from qlora_ref.state import QuantState as RefState
 
-__all__ = ["ADAPTERS", "make_adapter", "lora_branch", "tensor_to_numpy", "numpy_from_tensor"]
+__all__ = ["ADAPTERS", "make_adapter", "lora_branch"]
 
 BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
-
-
-def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A tensor as a NumPy array, bit for bit (bfloat16 as ``ml_dtypes.bfloat16``)."""
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-numpy_from_tensor = tensor_to_numpy
 
 
 def _dtype_name(dtype) -> str:

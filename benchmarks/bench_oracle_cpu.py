@@ -31,9 +31,9 @@ import platform
 import sys
 import time
 
-import ml_dtypes
 import numpy as np
 
+from qlora_gpu.state import tensor_to_numpy
 from qlora_ref.api import dequantize_4bit, quantize_4bit
 from qlora_ref.conformance.classify import classify_nested_codes
 from qlora_ref.double_quant import double_quantize
@@ -75,22 +75,15 @@ def copy_ceiling(repeat: int) -> dict:
     return {"nbytes": src.nbytes, "bytes_moved": 2 * src.nbytes, "time": t, "gbps": 2 * src.nbytes / t["median_s"] / 1e9}
 
 
-def bnb_numpy(t):
-    import torch
-
-    t = t.detach().contiguous()
-    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
-
-
 def check(x: np.ndarray, F, torch) -> dict:
     """Check the oracle against bitsandbytes on the benchmark input (before anything is timed)."""
     p_b, s_b = F.quantize_4bit(torch.from_numpy(x), blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
     packed, state = quantize_4bit(x, blocksize=BLOCKSIZE, quant_type="nf4", double_quant=True)
-    if not np.array_equal(packed, bnb_numpy(p_b)):
+    if not np.array_equal(packed, tensor_to_numpy(p_b)):
         raise SystemExit("check failed: the oracle's packed bytes differ from bitsandbytes'")
-    d = {"weight": bnb_numpy(p_b), **{"weight." + k: bnb_numpy(v) for k, v in s_b.as_dict(packed=True).items()}}
+    d = {"weight": tensor_to_numpy(p_b), **{"weight." + k: tensor_to_numpy(v) for k, v in s_b.as_dict(packed=True).items()}}
     packed_b, state_b = from_bnb_state_dict(d)
-    absmax = bnb_numpy(F.quantize_4bit(torch.from_numpy(x), blocksize=BLOCKSIZE, quant_type="nf4")[1].absmax)
+    absmax = tensor_to_numpy(F.quantize_4bit(torch.from_numpy(x), blocksize=BLOCKSIZE, quant_type="nf4")[1].absmax)
     nested = double_quantize(absmax, offset=state_b.nested.offset)
     nested_diff = classify_nested_codes(absmax - nested.offset, nested.codes, state_b.nested.codes)
     if nested_diff.unclassified:
@@ -98,7 +91,7 @@ def check(x: np.ndarray, F, torch) -> dict:
     for name in DEQUANTIZE_BYTES:
         s_b.dtype = getattr(torch, name)
         ours = dequantize_4bit(packed_b, state_b, dtype=name)
-        theirs = bnb_numpy(F.dequantize_4bit(p_b, s_b)).reshape(ours.shape)
+        theirs = tensor_to_numpy(F.dequantize_4bit(p_b, s_b)).reshape(ours.shape)
         if ours.tobytes() != theirs.tobytes():
             raise SystemExit(f"check failed: decoding bitsandbytes' state to {name} differs")
     s_b.dtype = torch.float32

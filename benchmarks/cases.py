@@ -35,8 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.adapters import lora_branch, make_adapter, tensor_to_numpy
+from benchmarks.adapters import lora_branch, make_adapter
 from benchmarks.checks import OracleReference, check_derived, checked_rows
+from qlora_gpu.state import tensor_to_numpy
 
 __all__ = [
     "SHAPES", "QUICK_SHAPES", "DECODE_DTYPES", "MATMUL_ROWS", "LAYER_TOKENS", "QUICK_LAYER_TOKENS", "RANK",

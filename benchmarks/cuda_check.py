@@ -133,10 +133,10 @@ def check_against_oracle(device, size: int = 1024) -> dict:
     """Quantize and decode a ``size`` x ``size`` bf16 weight with the Triton kernels and the oracle: bitwise."""
     import numpy as np
     import torch
-    from qlora_gpu import dequantize_4bit, quantize_4bit
-    from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy
 
     import qlora_ref as R
+    from qlora_gpu import dequantize_4bit, quantize_4bit
+    from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy
 
     x = torch.randn(size, size, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
     x_np = tensor_to_numpy(x)
@@ -163,6 +163,7 @@ def time_kernels(shape, rows_list, device="cuda") -> tuple[dict, list]:
     import bitsandbytes.functional as bnb_F
     import torch
     import torch.nn.functional as F
+
     from qlora_gpu import dequantize_4bit, quantize_4bit
     from qlora_gpu.bnb_format import from_bnb_state_dict
     from qlora_gpu.kernels.dequantize import (

@@ -38,8 +38,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.adapters import make_adapter, tensor_to_numpy
+from benchmarks.adapters import make_adapter
 from benchmarks.cases import RANK, SHAPES
+from qlora_gpu.state import tensor_to_numpy
 from qlora_ref.memory import quantized_tensor_nbytes
 
 __all__ = ["stored_format_rows", "torchao_nbytes", "layer_formula", "saved_tensor_bytes", "cuda_peak_bytes",

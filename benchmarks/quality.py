@@ -31,13 +31,13 @@ import copy
 import json
 import math
 import platform
+import pydoc_data.topics as topics
 import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pydoc_data.topics as topics
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

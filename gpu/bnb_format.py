@@ -26,16 +26,16 @@ import math
 from collections.abc import Mapping
 
 import torch
+
 from qlora_gpu import codebooks
 from qlora_gpu.state import BLOCKSIZES, DTYPES, NestedAbsmax, QuantState, dtype_name
+from qlora_ref.formats.bnb import ARRAY_KEYS, JSON_KEYS, NESTED_JSON_KEYS, QUANT_STATE_PREFIX
 
 __all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "pack_json", "unpack_json", "quant_state_key", "BASE_KEYS"]
 
-_QS_PREFIX = "weight.quant_state.bitsandbytes__"
-#: Keys of the base weight's entries other than the JSON one, in bitsandbytes' order.
-BASE_KEYS = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
-_JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape")
-_NESTED_JSON_KEYS = ("nested_blocksize", "nested_dtype", "nested_offset")
+#: Keys of the base weight's entries other than the JSON one, in bitsandbytes' order (the
+#: oracle's ``ARRAY_KEYS``, the one list of them).
+BASE_KEYS = ARRAY_KEYS
 
 
 def quant_state_key(quant_type: str) -> str:
@@ -48,7 +48,7 @@ def quant_state_key(quant_type: str) -> str:
     """
     if quant_type not in codebooks.CODEBOOKS:
         raise ValueError(f"unknown quant_type {quant_type!r}")
-    return _QS_PREFIX + quant_type
+    return QUANT_STATE_PREFIX + quant_type
 
 
 def pack_json(payload: dict) -> torch.Tensor:
@@ -146,16 +146,16 @@ def _tensor(d: Mapping, key: str, dtype, shape) -> torch.Tensor:
 def _read_meta(d: Mapping) -> tuple[str, dict, bool]:
     keys = [k for k in d if isinstance(k, str) and k.startswith("weight.quant_state.")]
     if len(keys) != 1:
-        raise ValueError(f"expected exactly one '{_QS_PREFIX}<quant_type>' entry, found {sorted(keys)}")
+        raise ValueError(f"expected exactly one '{QUANT_STATE_PREFIX}<quant_type>' entry, found {sorted(keys)}")
     key = keys[0]
-    if key[len(_QS_PREFIX):] not in codebooks.CODEBOOKS or not key.startswith(_QS_PREFIX):
+    if key[len(QUANT_STATE_PREFIX):] not in codebooks.CODEBOOKS or not key.startswith(QUANT_STATE_PREFIX):
         raise ValueError(f"{key!r}: unknown quant type")
     meta = unpack_json(d[key])
-    missing = [k for k in _JSON_KEYS if k not in meta]
-    unknown = sorted(set(meta) - set(_JSON_KEYS) - set(_NESTED_JSON_KEYS))
+    missing = [k for k in JSON_KEYS if k not in meta]
+    unknown = sorted(set(meta) - set(JSON_KEYS) - set(NESTED_JSON_KEYS))
     if missing or unknown:
         raise ValueError(f"{key!r}: JSON lacks {missing} or has unknown keys {unknown}")
-    if meta["quant_type"] != key[len(_QS_PREFIX):]:
+    if meta["quant_type"] != key[len(QUANT_STATE_PREFIX):]:
         raise ValueError(f"{key!r}: JSON quant_type {meta['quant_type']!r} disagrees with the key")
     if meta["blocksize"] not in BLOCKSIZES or isinstance(meta["blocksize"], bool):
         raise ValueError(f"{key!r}: blocksize {meta['blocksize']!r} is not one of {BLOCKSIZES}")
@@ -165,9 +165,9 @@ def _read_meta(d: Mapping) -> tuple[str, dict, bool]:
     if not isinstance(shape, list) or not shape or not all(
             isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"{key!r}: shape {shape!r} must be a non-empty list of positive ints")
-    present = [k for k in _NESTED_JSON_KEYS if k in meta]
-    if present and len(present) != len(_NESTED_JSON_KEYS):
-        raise ValueError(f"{key!r}: JSON has {present} but not all of {list(_NESTED_JSON_KEYS)}")
+    present = [k for k in NESTED_JSON_KEYS if k in meta]
+    if present and len(present) != len(NESTED_JSON_KEYS):
+        raise ValueError(f"{key!r}: JSON has {present} but not all of {list(NESTED_JSON_KEYS)}")
     if present:
         nbs, off = meta["nested_blocksize"], meta["nested_offset"]
         if isinstance(nbs, bool) or not isinstance(nbs, int) or nbs <= 0:

@@ -33,12 +33,13 @@ import math
 from dataclasses import replace
 
 import torch
+from torch import nn
+
 from qlora_gpu.bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from qlora_gpu.lora import lora_scaling
 from qlora_gpu.qlora import qlora_linear
 from qlora_gpu.quantize import dequantize_4bit, quantize_4bit
 from qlora_gpu.state import NestedAbsmax, QuantState, torch_dtype
-from torch import nn
 
 __all__ = ["QLoRALinear"]
 

@@ -18,6 +18,7 @@ Public API
 from __future__ import annotations
 
 import torch
+
 from qlora_gpu.quantize import check_packed, dequantize_4bit, resolve_backend
 
 __all__ = ["matmul_4bit", "FUSED_MAX_ROWS"]

@@ -25,8 +25,9 @@ from __future__ import annotations
 import re
 
 import torch  # noqa: F401  (the Examples pass torch dtypes)
-from qlora_gpu.linear import QLoRALinear
 from torch import nn
+
+from qlora_gpu.linear import QLoRALinear
 
 __all__ = ["replace_linear_with_qlora", "adapter_state_dict", "trainable_parameters", "matches_target"]
 

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 import torch
+
 from qlora_gpu.quantize import dequantize_4bit, quantize_4bit
 from qlora_gpu.state import QUANT_TYPES, QuantState, tensor_from_numpy, tensor_to_numpy
 

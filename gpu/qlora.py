@@ -27,6 +27,7 @@ through ``QLoRAFunction``.
 from __future__ import annotations
 
 import torch
+
 from qlora_gpu.lora import adapter_backward, adapter_forward, check_adapter
 from qlora_gpu.matmul import matmul_4bit
 from qlora_gpu.quantize import check_packed, dequantize_4bit

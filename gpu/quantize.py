@@ -33,6 +33,7 @@ import os
 import sys
 
 import torch
+
 from qlora_gpu import codebooks
 from qlora_gpu.state import (
     BLOCKSIZES,

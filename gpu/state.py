@@ -10,8 +10,9 @@ Public API
 ----------
 ``QuantState``, ``NestedAbsmax``
     Dataclasses; fields as in the oracle, with ``dtype`` a ``torch.dtype`` and every array a
-    tensor. ``numel``, ``n_blocks``, ``double_quant``, ``packed_nbytes``, ``nbytes``,
-    ``bits_per_parameter`` as in the oracle; ``to(device)``; ``from_oracle``; ``to_oracle``.
+    tensor. ``numel``, ``n_blocks``, ``double_quant``, ``packed_nbytes`` and
+    ``bits_per_parameter`` come from the oracle's ``BlockLayout`` (written once for both);
+    ``nbytes``; ``to(device)``; ``from_oracle``; ``to_oracle``.
 ``tensor_from_numpy(a, device=None)``, ``tensor_to_numpy(t)``
     Exact conversions that also handle ``ml_dtypes.bfloat16`` arrays.
 ``torch_dtype(name_or_dtype)``, ``dtype_name(dtype)``
@@ -20,13 +21,13 @@ Public API
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import ml_dtypes
 import numpy as np
 import torch
 
+from qlora_ref.state import BLOCKSIZES, QUANT_TYPES, BlockLayout
 from qlora_ref.state import NestedAbsmax as RefNested
 from qlora_ref.state import QuantState as RefState
 
@@ -42,10 +43,6 @@ __all__ = [
     "tensor_to_numpy",
 ]
 
-#: Block sizes bitsandbytes accepts (the oracle's ``BLOCKSIZES``).
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-#: Quant types (the oracle's ``QUANT_TYPES``).
-QUANT_TYPES = ("nf4", "fp4", "int4")
 #: Input dtypes of quantization and output dtypes of decoding, by name.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -156,7 +153,7 @@ class NestedAbsmax:
 
 
 @dataclass(frozen=True, eq=False)
-class QuantState:
+class QuantState(BlockLayout):
     """Constants and metadata of a blockwise 4-bit tensor; the torch mirror of the oracle's.
 
     Attributes
@@ -191,30 +188,6 @@ class QuantState:
     absmax: torch.Tensor | None = None
     nested: NestedAbsmax | None = None
 
-    def __post_init__(self):
-        if (self.absmax is None) == (self.nested is None):
-            raise ValueError("a QuantState holds exactly one of absmax and nested")
-
-    @property
-    def numel(self) -> int:
-        """Number of elements of the original tensor."""
-        return math.prod(self.shape)  # math, not NumPy: torch.compile traces it as a constant
-
-    @property
-    def n_blocks(self) -> int:
-        """Number of first-level blocks, the last one possibly partial."""
-        return -(-self.numel // self.blocksize)
-
-    @property
-    def double_quant(self) -> bool:
-        """Whether the absmax constants are double quantized."""
-        return self.nested is not None
-
-    @property
-    def packed_nbytes(self) -> int:
-        """Bytes of the packed codes: two codes per byte, an odd count padded."""
-        return (self.numel + 1) // 2
-
     @property
     def device(self) -> torch.device:
         """Device of the state's tensors."""
@@ -225,11 +198,6 @@ class QuantState:
         """Bytes of everything stored for the tensor (see the oracle's Note: storage accounting)."""
         constants = self.absmax.numel() * 4 if self.absmax is not None else self.nested.nbytes
         return self.packed_nbytes + constants + self.code.numel() * 4
-
-    @property
-    def bits_per_parameter(self) -> float:
-        """``8 * nbytes / numel``: stored bits per element, constants included."""
-        return 8.0 * self.nbytes / self.numel
 
     def to(self, device) -> "QuantState":
         """Return a copy whose tensors live on ``device``."""

@@ -141,11 +141,12 @@ def check_mask(dropout_mask, x: np.ndarray):
     return d
 
 
-def _positive_int(name: str, value) -> int:
+def _nonnegative_int(name: str, value) -> int:
+    # 0 passes here: the callers name what a zero means (r = 0 is refused by check_rank).
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise ValueError(f"{name} must be >= 0, got {value}")
     return int(value)
 
 
@@ -190,7 +191,7 @@ def lora_scaling(alpha, r, *, rslora: bool = False) -> float:
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     if not math.isfinite(float(alpha)) or alpha < 0:
         raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
-    r = _positive_int("r", r)
+    r = _nonnegative_int("r", r)
     if r == 0:
         raise ValueError("the adapter rank r is 0; LoRA needs r >= 1")
     return float(alpha) / (math.sqrt(r) if rslora else r)
@@ -238,9 +239,9 @@ def lora_init(in_features, out_features, r, *, rng, scheme: str = "kaiming", dty
     >>> A.shape, B.shape, bool(np.abs(A).max() <= 1 / np.sqrt(16)), bool((B == 0).all())
     ((4, 16), (8, 4), True, True)
     """
-    in_features = _positive_int("in_features", in_features)
-    out_features = _positive_int("out_features", out_features)
-    r = _positive_int("r", r)
+    in_features = _nonnegative_int("in_features", in_features)
+    out_features = _nonnegative_int("out_features", out_features)
+    r = _nonnegative_int("r", r)
     if in_features == 0 or out_features == 0:
         raise ValueError(f"in_features and out_features must be >= 1, got {in_features} and {out_features}")
     check_rank(r, in_features, out_features)

@@ -13,6 +13,7 @@ Note: storage accounting
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -21,6 +22,7 @@ import numpy as np
 __all__ = [
     "QuantState",
     "NestedAbsmax",
+    "BlockLayout",
     "BLOCKSIZES",
     "NESTED_BLOCKSIZE",
     "INPUT_DTYPES",
@@ -109,8 +111,46 @@ class NestedAbsmax:
         return n + (self.code.nbytes if self.code is not None else 0)
 
 
+class BlockLayout:
+    """What follows from a 4-bit tensor's shape and block size; shared by both ``QuantState`` types.
+
+    A mixin for a dataclass with ``shape``, ``blocksize``, ``absmax``, ``nested`` and an
+    ``nbytes`` property: the oracle's ``QuantState`` (NumPy) and ``qlora_gpu.QuantState``
+    (torch) inherit it, so the block arithmetic is written once.
+    """
+
+    def __post_init__(self):
+        if (self.absmax is None) == (self.nested is None):
+            raise ValueError("a QuantState holds exactly one of absmax and nested")
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the original tensor (an exact Python int)."""
+        return math.prod([int(d) for d in self.shape])  # a list, not a generator: torch.compile traces it
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of first-level blocks, the last one possibly partial."""
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the absmax constants are double quantized."""
+        return self.nested is not None
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed codes: two codes per byte, an odd count padded."""
+        return (self.numel + 1) // 2
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """``8 * nbytes / numel``: stored bits per element, constants included."""
+        return 8.0 * self.nbytes / self.numel
+
+
 @dataclass(frozen=True, eq=False)
-class QuantState:
+class QuantState(BlockLayout):
     """The constants and metadata of a blockwise 4-bit tensor.
 
     Attributes
@@ -139,37 +179,8 @@ class QuantState:
     absmax: np.ndarray | None = None
     nested: NestedAbsmax | None = None
 
-    def __post_init__(self):
-        if (self.absmax is None) == (self.nested is None):
-            raise ValueError("a QuantState holds exactly one of absmax and nested")
-
-    @property
-    def numel(self) -> int:
-        """Number of elements of the original tensor."""
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def n_blocks(self) -> int:
-        """Number of first-level blocks, the last one possibly partial."""
-        return -(-self.numel // self.blocksize)
-
-    @property
-    def double_quant(self) -> bool:
-        """Whether the absmax constants are double quantized."""
-        return self.nested is not None
-
-    @property
-    def packed_nbytes(self) -> int:
-        """Bytes of the packed codes: two codes per byte, an odd count padded."""
-        return (self.numel + 1) // 2
-
     @property
     def nbytes(self) -> int:
         """Bytes of everything stored for the tensor (see Note: storage accounting)."""
         constants = self.absmax.nbytes if self.absmax is not None else self.nested.nbytes
         return self.packed_nbytes + constants + self.code.nbytes
-
-    @property
-    def bits_per_parameter(self) -> float:
-        """``8 * nbytes / numel``: stored bits per element, constants included."""
-        return 8.0 * self.nbytes / self.numel

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from tolerances import (
-    _as_numpy,
+    as_numpy,
     assert_bit_equal,
     assert_derived,
     assert_within,
@@ -93,7 +93,7 @@ def test_every_4bit_weight_decodes_bit_identically_to_bitsandbytes(llama):
     assert sorted(ckpt.layers) == sorted(linear) and len(linear) == 2 * 7  # q k v o gate up down per layer
     for name, layer in ckpt.layers.items():
         assert layer.state.quant_type == "nf4" and layer.state.double_quant and layer.state.blocksize == 64
-        assert_bit_equal(layer.weight(), _as_numpy(_bnb_decode(sd, name)), f"{name} decoded")
+        assert_bit_equal(layer.weight(), as_numpy(_bnb_decode(sd, name)), f"{name} decoded")
     assert "lm_head.weight" in ckpt.tensors and "model.norm.weight" in ckpt.tensors
 
 
@@ -127,7 +127,7 @@ def _check_layer_outputs(llama, which):
         pm.train()  # training mode: bitsandbytes does not repack for its AVX-512 kernel (the hazard)
         with torch.no_grad():
             y_peft = peft_layer(x)
-        x_np = _as_numpy(x)
+        x_np = as_numpy(x)
         ref = adapter_forward(adapter, ckpt, module, x_np, compute_dtype="bfloat16")  # float64
         # The baseline: the same layer computed plainly in bfloat16 with torch.
         W = torch.from_numpy(ckpt.layers[module].weight("float32")).to(torch.bfloat16)
@@ -206,7 +206,7 @@ def test_bitsandbytes_layer_files_round_trip(tmp_path, quant_type, double_quant,
         write_checkpoint(tmp_path / "b.safetensors", ckpt.layers, ckpt.tensors, metadata=ckpt.metadata)
         assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
         assert ckpt.layers["m"].storage_dtype.name == storage and list(ckpt.tensors) == ["m.bias"]
-        ours, theirs = ckpt.weight("m.weight"), _as_numpy(_bnb_decode(sd, "m"))
+        ours, theirs = ckpt.weight("m.weight"), as_numpy(_bnb_decode(sd, "m"))
         if quant_type == "nf4":
             assert_bit_equal(ours, theirs, f"{dtype} decoded")
         else:  # FP4 code 8 is -0.0 in bitsandbytes' C++ CPU decoder without AVX-512, +0.0 here

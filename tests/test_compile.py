@@ -15,9 +15,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tolerances import assert_derived  # noqa: E402
+
 from qlora_gpu import QLoRALinear  # noqa: E402
 from qlora_gpu.state import tensor_to_numpy  # noqa: E402
-from tolerances import assert_derived  # noqa: E402
 
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                     reason="torch.compile's inductor backend on CPU needs a C++ compiler")

@@ -22,58 +22,47 @@ from qlora_ref.state import NestedAbsmax, QuantState
 from qlora_ref.torchao_nf4 import dequantize_torchao, quantize_torchao, torchao_codebook
 
 torch = pytest.importorskip("torch")
+from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy  # noqa: E402
+
 nf4_tensor = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
-def to_torch(x: np.ndarray):
-    if x.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
-def to_numpy(t) -> np.ndarray:
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
 def torchao_state(nf4) -> tuple:
     """torchao's stored tensors as the oracle's (packed, QuantState)."""
     nested = NestedAbsmax(
-        scheme="torchao", codes=to_numpy(nf4.quantized_scalers), absmax=to_numpy(nf4.quantization_factor),
-        code=None, offset=to_numpy(nf4.scaler_mean)[()], blocksize=nf4.scaler_block_size,
+        scheme="torchao", codes=tensor_to_numpy(nf4.quantized_scalers), absmax=tensor_to_numpy(nf4.quantization_factor),
+        code=None, offset=tensor_to_numpy(nf4.scaler_mean)[()], blocksize=nf4.scaler_block_size,
     )
     name = str(nf4.dtype).replace("torch.", "")
     state = QuantState(shape=tuple(nf4.shape), dtype=name, blocksize=nf4.block_size, quant_type="nf4",
-                       code=to_numpy(nf4.nf4), nested=nested)
-    return to_numpy(nf4.quantized_data).reshape(-1, 1), state
+                       code=tensor_to_numpy(nf4.nf4), nested=nested)
+    return tensor_to_numpy(nf4.quantized_data).reshape(-1, 1), state
 
 
 def check_against_torchao(x: np.ndarray) -> None:
-    nf4 = nf4_tensor.to_nf4(to_torch(x))
+    nf4 = nf4_tensor.to_nf4(tensor_from_numpy(x))
     packed, state = quantize_torchao(x)
-    theirs_mean = to_numpy(nf4.scaler_mean)[()]
+    theirs_mean = tensor_to_numpy(nf4.scaler_mean)[()]
     if state.nested.offset.tobytes() != theirs_mean.tobytes():
         scalers = np.abs(x.astype(np.float32).reshape(-1, 64)).max(axis=1)
         diff = classify_offset(scalers, state.nested.offset, theirs_mean)
         assert diff.unclassified == 0, f"scaler mean {state.nested.offset!r} vs torchao {theirs_mean!r}: {diff}"
         packed, state = quantize_torchao(x, mean=theirs_mean)
 
-    assert_bit_equal(state.code, to_numpy(nf4.nf4), "nf4 table")
+    assert_bit_equal(state.code, tensor_to_numpy(nf4.nf4), "nf4 table")
     assert_bit_equal(state.nested.offset, theirs_mean, "scaler_mean")
-    assert_bit_equal(state.nested.absmax, to_numpy(nf4.quantization_factor), "quantization_factor")
-    assert_bit_equal(state.nested.codes, to_numpy(nf4.quantized_scalers), "quantized_scalers")
-    assert_bit_equal(packed.reshape(-1), to_numpy(nf4.quantized_data), "quantized_data")
+    assert_bit_equal(state.nested.absmax, tensor_to_numpy(nf4.quantization_factor), "quantization_factor")
+    assert_bit_equal(state.nested.codes, tensor_to_numpy(nf4.quantized_scalers), "quantized_scalers")
+    assert_bit_equal(packed.reshape(-1), tensor_to_numpy(nf4.quantized_data), "quantized_data")
 
     # Decoded values: NaN only where the scaler sum overflowed (see Note: torchao arithmetic).
-    assert_bit_equal_or_both_nan(dequantize_torchao(packed, state), to_numpy(nf4.get_original_weight()),
+    assert_bit_equal_or_both_nan(dequantize_torchao(packed, state), tensor_to_numpy(nf4.get_original_weight()),
                                  "get_original_weight")
     for name, torch_dtype in TORCH_DTYPES.items():
-        assert_bit_equal_or_both_nan(dequantize_torchao(packed, state, dtype=name), to_numpy(nf4.to(torch_dtype)),
+        assert_bit_equal_or_both_nan(dequantize_torchao(packed, state, dtype=name), tensor_to_numpy(nf4.to(torch_dtype)),
                          f"decoded to {name}")
 
 
@@ -113,9 +102,9 @@ def test_standard_normal_layers(dtype):
 
 @given(x=torchao_arrays())
 def test_decoding_torchao_own_state(x):
-    nf4 = nf4_tensor.to_nf4(to_torch(x))
+    nf4 = nf4_tensor.to_nf4(tensor_from_numpy(x))
     packed, state = torchao_state(nf4)
-    expected = to_numpy(nf4.get_original_weight())
+    expected = tensor_to_numpy(nf4.get_original_weight())
     assert_bit_equal_or_both_nan(dequantize_torchao(packed, state), expected, "decode torchao's state")
     assert_bit_equal_or_both_nan(dequantize_4bit(packed, state), expected, "dequantize_4bit dispatch")
 

@@ -27,15 +27,15 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-import qlora_gpu as G  # noqa: E402
-from qlora_gpu.kernels.dequantize import bytes_moved_dequantize  # noqa: E402
-from qlora_gpu.kernels.matmul import MatmulConfig, bytes_moved_matmul, default_config  # noqa: E402
-from qlora_gpu.state import NestedAbsmax, QuantState, tensor_from_numpy  # noqa: E402
 from strategies import absmax_arrays, quant_types, quantize_cases  # noqa: E402
 from test_gpu_quantize import assert_states_equal  # noqa: E402
 from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan, assert_derived  # noqa: E402
 
+import qlora_gpu as G  # noqa: E402
 import qlora_ref as R  # noqa: E402
+from qlora_gpu.kernels.dequantize import bytes_moved_dequantize  # noqa: E402
+from qlora_gpu.kernels.matmul import MatmulConfig, bytes_moved_matmul, default_config  # noqa: E402
+from qlora_gpu.state import NestedAbsmax, QuantState, tensor_from_numpy  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [

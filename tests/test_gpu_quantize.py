@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-import qlora_gpu as G  # noqa: E402
-from qlora_gpu import codebooks  # noqa: E402
-from qlora_gpu.state import tensor_from_numpy  # noqa: E402
 from strategies import absmax_arrays, non_finite_arrays, quant_types, quantize_cases  # noqa: E402
 from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan  # noqa: E402
 
+import qlora_gpu as G  # noqa: E402
 import qlora_ref as R  # noqa: E402
+from qlora_gpu import codebooks  # noqa: E402
+from qlora_gpu.state import tensor_from_numpy  # noqa: E402
 from qlora_ref.blockwise import sorted_midpoints  # noqa: E402
 
 DEVICES = [

@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-import qlora_gpu as G  # noqa: E402
-from qlora_gpu import QLoRALinear  # noqa: E402
-from qlora_gpu.bnb_format import from_bnb_state_dict, pack_json, to_bnb_state_dict  # noqa: E402
-from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy  # noqa: E402
 from strategies import bnb_quant_types, hard_arrays  # noqa: E402
 from tolerances import assert_bit_equal  # noqa: E402
 
+import qlora_gpu as G  # noqa: E402
 import qlora_ref as R  # noqa: E402
+from qlora_gpu import QLoRALinear  # noqa: E402
+from qlora_gpu.bnb_format import from_bnb_state_dict, pack_json, to_bnb_state_dict  # noqa: E402
+from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy  # noqa: E402
 
 bnb_format_ref = pytest.importorskip("qlora_ref.formats.bnb")
 

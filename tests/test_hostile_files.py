@@ -202,7 +202,7 @@ def _bnb_reference(path):
     import bitsandbytes.functional as F
     import torch
     from safetensors.torch import load_file
-    from tolerances import _as_numpy
+    from tolerances import as_numpy
 
     try:
         sd = load_file(str(path))
@@ -215,7 +215,7 @@ def _bnb_reference(path):
         try:
             qs = F.QuantState.from_dict(entries, device=torch.device("cpu"))
             with torch.compiler.set_stance("force_eager"):
-                out[layer] = _as_numpy(F.dequantize_4bit(sd[f"{layer}.weight"], qs))
+                out[layer] = as_numpy(F.dequantize_4bit(sd[f"{layer}.weight"], qs))
         except Exception:
             out[layer] = None
     return out

@@ -23,13 +23,13 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-import qlora_gpu as G  # noqa: E402
-from qlora_gpu import QLoRALinear, qlora_linear, replace_linear_with_qlora  # noqa: E402
-from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy  # noqa: E402
 from strategies import lora_problems  # noqa: E402
 from tolerances import assert_derived, assert_within  # noqa: E402
 
+import qlora_gpu as G  # noqa: E402
 import qlora_ref as R  # noqa: E402
+from qlora_gpu import QLoRALinear, qlora_linear, replace_linear_with_qlora  # noqa: E402
+from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy  # noqa: E402
 
 F = torch.nn.functional
 NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16,

@@ -17,20 +17,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def _as_numpy(a):
-    if hasattr(a, "detach"):  # a torch tensor; bfloat16 goes through float32 exactly
-        t = a.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            import ml_dtypes
+def as_numpy(a):
+    """A NumPy array or a torch tensor as a NumPy array, bit for bit (bfloat16 included)."""
+    if hasattr(a, "detach"):  # a torch tensor, so torch and qlora_gpu are installed
+        from qlora_gpu.state import tensor_to_numpy  # lazily: these helpers also serve torch-free tests
 
-            return t.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
+        return tensor_to_numpy(a)
     return np.asarray(a)
 
 
 def assert_bit_equal(actual, expected, what: str = "values") -> None:
     """Assert two arrays are bit-for-bit equal (same shape, dtype and bits; NaN bits included)."""
-    a, e = _as_numpy(actual), _as_numpy(expected)
+    a, e = as_numpy(actual), as_numpy(expected)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
     assert a.dtype == e.dtype, f"{what}: dtype {a.dtype} != expected {e.dtype}"
     if a.ndim == 0:
@@ -56,8 +54,8 @@ def derived_budget(ref64, baseline, *, ulps: float = 4.0, dtype=None, scale=None
     for reductions whose result can cancel: pass the size of the terms (for ``x W^T``, the
     largest entry of ``|x| |W|^T``), since a different summation order errs in proportion to them.
     """
-    r = np.asarray(_as_numpy(ref64), dtype=np.float64)
-    b = np.asarray(_as_numpy(baseline), dtype=np.float64)
+    r = np.asarray(as_numpy(ref64), dtype=np.float64)
+    b = np.asarray(as_numpy(baseline), dtype=np.float64)
     import ml_dtypes  # its finfo knows bfloat16 as well as NumPy's dtypes
 
     eps = float(ml_dtypes.finfo(dtype if dtype is not None else np.float64).eps)
@@ -70,8 +68,8 @@ def derived_budget(ref64, baseline, *, ulps: float = 4.0, dtype=None, scale=None
 
 def assert_within(actual, ref64, budget: float, what: str = "values") -> None:
     """Assert ``max |actual - ref64| <= budget``, printing the worst element and the budget."""
-    a = np.asarray(_as_numpy(actual), dtype=np.float64)
-    r = np.asarray(_as_numpy(ref64), dtype=np.float64)
+    a = np.asarray(as_numpy(actual), dtype=np.float64)
+    r = np.asarray(as_numpy(ref64), dtype=np.float64)
     assert a.shape == r.shape, f"{what}: shape {a.shape} != reference {r.shape}"
     if a.size == 0:
         return
@@ -100,7 +98,7 @@ def assert_bit_equal_or_both_nan(actual, expected, what: str = "values") -> None
     """``assert_bit_equal``, except that a NaN matches any NaN: its payload and sign are runtime
     noise (torch's scalar and vector conversions to bfloat16 write different NaN bits), not
     part of any stored format. NaN positions must still agree exactly."""
-    a, e = _as_numpy(actual), _as_numpy(expected)
+    a, e = as_numpy(actual), as_numpy(expected)
     a_nan, e_nan = np.isnan(a.astype(np.float32)), np.isnan(e.astype(np.float32))
     if not np.array_equal(a_nan, e_nan):
         idx = np.unravel_index(int(np.flatnonzero(a_nan != e_nan)[0]), a.shape)

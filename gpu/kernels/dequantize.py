@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qlora_gpu.kernels.util import cast_rne, launch_context
+
+from qlora_gpu.kernels.util import absmax_arguments, cast_rne, launch_context
 
 __all__ = ["dequantize_4bit_kernel", "dequantize_4bit_triton", "bytes_moved_dequantize"]
 
@@ -106,12 +107,7 @@ def dequantize_4bit_triton(flat: torch.Tensor, state, out_dtype: torch.dtype, *,
     out = torch.empty(n, dtype=out_dtype, device=flat.device)
     rows = rows or max(1, TILE_BYTES // (state.blocksize // 2))
     grid = (triton.cdiv(state.n_blocks, rows),)
-    if state.nested is None:
-        absmax, nested_absmax, nested_code, offset, nested = state.absmax, state.absmax, state.code, state.code, 0
-    else:
-        nest = state.nested
-        absmax, nested_absmax, nested_code, offset = nest.codes, nest.absmax, nest.code, nest.offset
-        nested = nest.blocksize
+    absmax, nested_absmax, nested_code, offset, nested = absmax_arguments(state)
     with launch_context():
         dequantize_4bit_kernel[grid](
             flat, state.code, absmax, nested_absmax, nested_code, offset, out, n, state.n_blocks,

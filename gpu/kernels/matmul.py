@@ -35,7 +35,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qlora_gpu.kernels.util import cast_rne, interpreting, launch_context
+
+from qlora_gpu.kernels.util import absmax_arguments, cast_rne, interpreting, launch_context
 
 __all__ = ["matmul_4bit_kernel", "matmul_4bit_triton", "MatmulConfig", "default_config", "CONFIGS",
            "bytes_moved_matmul"]
@@ -211,12 +212,7 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     else:
         out = torch.empty((split_k, M, N), dtype=torch.float32, device=x2d.device)
-    if state.nested is None:
-        absmax, nested_absmax, nested_code, offset, nested = state.absmax, state.absmax, state.code, state.code, 0
-    else:
-        nest = state.nested
-        absmax, nested_absmax, nested_code, offset = nest.codes, nest.absmax, nest.code, nest.offset
-        nested = nest.blocksize
+    absmax, nested_absmax, nested_code, offset, nested = absmax_arguments(state)
     grid = (triton.cdiv(N, block_n), split_k)
     dot_in_fp32 = use_dot and interpreting() and x2d.dtype == torch.bfloat16
     with launch_context():

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from qlora_gpu import codebooks
 from qlora_gpu.kernels.util import launch_context
 

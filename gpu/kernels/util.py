@@ -27,6 +27,20 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
+def absmax_arguments(state):
+    """The kernels' five absmax arguments for a state, with or without double quantization.
+
+    Returns ``(absmax, nested_absmax, nested_code, offset, NESTED)``: without double
+    quantization ``absmax`` is the float32 absmax, ``NESTED`` is 0 and the three nested
+    pointers are placeholders the kernel never reads; with it, ``absmax`` holds the uint8 codes
+    and ``NESTED`` the nested block size.
+    """
+    if state.nested is None:
+        return state.absmax, state.absmax, state.code, state.code, 0
+    n = state.nested
+    return n.codes, n.absmax, n.code, n.offset, n.blocksize
+
+
 def cast_rne(y, dtype: tl.constexpr):
     """Round float32 ``y`` to nearest even in ``dtype``.
 

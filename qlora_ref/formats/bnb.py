@@ -35,14 +35,30 @@ from qlora_ref.blockwise import check_packed
 from qlora_ref.codebooks import codebook
 from qlora_ref.state import BLOCKSIZES, INPUT_DTYPES, NestedAbsmax, QuantState
 
-__all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "BNB_QUANT_TYPES", "quant_state_key"]
+__all__ = [
+    "to_bnb_state_dict",
+    "from_bnb_state_dict",
+    "BNB_QUANT_TYPES",
+    "quant_state_key",
+    "ARRAY_KEYS",
+    "QUANT_STATE_STEM",
+    "QUANT_STATE_PREFIX",
+    "JSON_KEYS",
+    "NESTED_JSON_KEYS",
+]
 
 #: Quant types bitsandbytes can store (INT4 is the oracle's comparison table only).
 BNB_QUANT_TYPES = ("nf4", "fp4")
-_QS_PREFIX = "weight.quant_state.bitsandbytes__"
-_ARRAY_KEYS = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
-_JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape")
-_NESTED_JSON_KEYS = ("nested_blocksize", "nested_dtype", "nested_offset")
+#: The keys of one layer's entries (Note: bnb state-dict layout), relative to the layer: the one
+#: list of them in this project (the checkpoint reader and ``qlora_gpu.bnb_format`` use it too).
+#: The packed weight and its arrays, in bitsandbytes' order:
+ARRAY_KEYS = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
+#: The packed JSON entry's key starts with this and ends in the quant type.
+QUANT_STATE_STEM = "weight.quant_state."
+QUANT_STATE_PREFIX = QUANT_STATE_STEM + "bitsandbytes__"
+#: Fields of the packed JSON, in order, and those a double-quantized state adds.
+JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape")
+NESTED_JSON_KEYS = ("nested_blocksize", "nested_dtype", "nested_offset")
 
 
 def quant_state_key(quant_type: str) -> str:
@@ -55,7 +71,7 @@ def quant_state_key(quant_type: str) -> str:
     """
     if quant_type not in BNB_QUANT_TYPES:
         raise ValueError(f"bitsandbytes stores quant types {BNB_QUANT_TYPES}, not {quant_type!r}")
-    return _QS_PREFIX + quant_type
+    return QUANT_STATE_PREFIX + quant_type
 
 
 def _json_bytes(payload: dict) -> np.ndarray:
@@ -144,12 +160,12 @@ def _array(d: Mapping, key: str, dtype, shape) -> np.ndarray:
 def _read_json(d: Mapping) -> tuple[str, dict]:
     qs_keys = [k for k in d if isinstance(k, str) and k.startswith("weight.quant_state.")]
     if not qs_keys:
-        raise ValueError(f"missing key {_QS_PREFIX}nf4 (or __fp4): no packed quant_state entry")
+        raise ValueError(f"missing key {QUANT_STATE_PREFIX}nf4 (or __fp4): no packed quant_state entry")
     if len(qs_keys) > 1:
         raise ValueError(f"more than one quant_state entry: {sorted(qs_keys)}")
     key = qs_keys[0]
-    if not key.startswith(_QS_PREFIX) or key[len(_QS_PREFIX):] not in BNB_QUANT_TYPES:
-        raise ValueError(f"{key!r}: unknown quant type; expected {_QS_PREFIX}nf4 or {_QS_PREFIX}fp4")
+    if not key.startswith(QUANT_STATE_PREFIX) or key[len(QUANT_STATE_PREFIX):] not in BNB_QUANT_TYPES:
+        raise ValueError(f"{key!r}: unknown quant type; expected {QUANT_STATE_PREFIX}nf4 or {QUANT_STATE_PREFIX}fp4")
     raw = d[key]
     if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 1:
         raise ValueError(f"{key!r} must be a 1-D uint8 array of UTF-8 JSON")
@@ -164,13 +180,13 @@ def _read_json(d: Mapping) -> tuple[str, dict]:
 
 def _check_meta(key: str, meta: dict) -> bool:
     """Validate the JSON fields; return whether the state is nested."""
-    missing = [k for k in _JSON_KEYS if k not in meta]
+    missing = [k for k in JSON_KEYS if k not in meta]
     if missing:
         raise ValueError(f"{key!r}: JSON lacks {missing}")
-    unknown = sorted(set(meta) - set(_JSON_KEYS) - set(_NESTED_JSON_KEYS))
+    unknown = sorted(set(meta) - set(JSON_KEYS) - set(NESTED_JSON_KEYS))
     if unknown:
         raise ValueError(f"{key!r}: unknown JSON keys {unknown}")
-    if meta["quant_type"] != key[len(_QS_PREFIX):]:
+    if meta["quant_type"] != key[len(QUANT_STATE_PREFIX):]:
         raise ValueError(f"{key!r}: JSON quant_type {meta['quant_type']!r} disagrees with the key")
     bs = meta["blocksize"]
     if isinstance(bs, bool) or not isinstance(bs, int) or bs not in BLOCKSIZES:
@@ -181,9 +197,9 @@ def _check_meta(key: str, meta: dict) -> bool:
     if (not isinstance(shape, list) or not shape
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
         raise ValueError(f"{key!r}: shape {shape!r} must be a non-empty list of positive ints")
-    present = [k for k in _NESTED_JSON_KEYS if k in meta]
-    if present and len(present) != len(_NESTED_JSON_KEYS):
-        raise ValueError(f"{key!r}: JSON has {present} but not all of {list(_NESTED_JSON_KEYS)}")
+    present = [k for k in NESTED_JSON_KEYS if k in meta]
+    if present and len(present) != len(NESTED_JSON_KEYS):
+        raise ValueError(f"{key!r}: JSON has {present} but not all of {list(NESTED_JSON_KEYS)}")
     if not present:
         return False
     nbs = meta["nested_blocksize"]
@@ -242,7 +258,7 @@ def from_bnb_state_dict(d: Mapping) -> tuple[np.ndarray, QuantState]:
     key, meta = _read_json(d)
     nested = _check_meta(key, meta)
     for k in d:
-        if isinstance(k, str) and k.startswith("weight") and k != key and k not in _ARRAY_KEYS:
+        if isinstance(k, str) and k.startswith("weight") and k != key and k not in ARRAY_KEYS:
             raise ValueError(f"unexpected key {k!r} for a 4-bit weight")
         if isinstance(k, str) and k in ("weight.nested_absmax", "weight.nested_quant_map") and not nested:
             raise ValueError(f"{k!r} is present but the JSON in {key!r} has no nested_* fields")

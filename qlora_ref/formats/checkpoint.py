@@ -35,7 +35,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from qlora_ref.api import dequantize_4bit
-from qlora_ref.formats.bnb import from_bnb_state_dict, to_bnb_state_dict
+from qlora_ref.formats.bnb import (
+    ARRAY_KEYS,
+    QUANT_STATE_STEM,
+    from_bnb_state_dict,
+    to_bnb_state_dict,
+)
 from qlora_ref.state import QuantState
 
 __all__ = ["Layer4bit", "Checkpoint", "read_checkpoint", "write_checkpoint", "checkpoint_files", "SAFETENSORS_DTYPES"]
@@ -45,8 +50,8 @@ SAFETENSORS_DTYPES = {
     "BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
     "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
 }
-_QS_MARK = ".weight.quant_state."
-_STATE_SUFFIXES = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
+_QS_MARK = "." + QUANT_STATE_STEM
+_STATE_SUFFIXES = ARRAY_KEYS[1:]  # the entries beside the packed weight
 _HAZARD = (" -- this is bitsandbytes' CPU repacking hazard: the state dict was taken after an eval "
            "forward on an AVX-512-BF16 CPU, which re-quantized the absmax through bfloat16 "
            "(formats.md section 5); save the model before running it")
@@ -222,7 +227,7 @@ def read_safetensors(path: Path) -> tuple[dict, dict]:
 
 def _split(key: str) -> tuple[str, str] | None:
     """Return ``(layer, relative key)`` if ``key`` looks like part of a 4-bit weight, else None."""
-    for rel in ("weight",) + _STATE_SUFFIXES:
+    for rel in ARRAY_KEYS:
         if key == rel:
             return "", rel
         if key.endswith("." + rel):

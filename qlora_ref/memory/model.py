@@ -55,7 +55,7 @@ from qlora_ref.memory.shapes import (  # re-exported: the calculator's public na
     LINEAR_NAMES,
     NORMS,
     ModelShape,
-    _positive_int,
+    check_positive_int,
     load_models,
     model_shape,
     published_parameters,
@@ -167,7 +167,7 @@ class FinetuneSetup:
         if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize {self.blocksize!r} is not allowed; use one of {BLOCKSIZES}")
         for f in ("rank", "batch_size", "seq_len"):
-            _positive_int(getattr(self, f), f)
+            check_positive_int(f, getattr(self, f))
         for f in ("adapter_dtype", "compute_dtype", "base_dtype", "norm_dtype"):
             _dtype_bytes(getattr(self, f), f)
         if self.optimizer not in OPTIMIZERS:
@@ -331,7 +331,7 @@ def quantized_tensor_nbytes(numel: int, *, blocksize: int = 64, double_quant: bo
     >>> quantized_tensor_nbytes(4096 * 4096)
     {'codes': 8388608, 'constants': 267332}
     """
-    _positive_int(numel, "numel")
+    check_positive_int("numel", numel)
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize!r} is not allowed; use one of {BLOCKSIZES}")
     n_blocks = -(-numel // blocksize)
@@ -351,7 +351,7 @@ def optimizer_state_nbytes(numel: int, param_dtype: str, optimizer: str) -> int:
     >>> optimizer_state_nbytes(64 * 4096, "bfloat16", "adamw_torch"), optimizer_state_nbytes(64 * 4096, "bfloat16", "adamw_8bit")
     (1048576, 532480)
     """
-    _positive_int(numel, "numel")
+    check_positive_int("numel", numel)
     n_states, storage, _ = OPTIMIZERS[optimizer]
     if storage == "blockwise8" and numel >= OPTIMIZER_MIN_8BIT_SIZE:
         per_state = numel + _FLOAT32 * -(-numel // OPTIMIZER_BLOCKSIZE)

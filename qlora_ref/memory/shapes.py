@@ -34,7 +34,8 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 NORMS = {"rmsnorm": (1, 1), "layernorm": (2, 2)}
 
 
-def _positive_int(value, what: str) -> int:
+def check_positive_int(what: str, value) -> int:
+    """Return ``value`` if it is an int > 0; else TypeError or ValueError naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
     if value <= 0:
@@ -86,12 +87,12 @@ class ModelShape:
 
     def __post_init__(self):
         for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size"):
-            _positive_int(getattr(self, f), f)
+            check_positive_int(f, getattr(self, f))
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; give head_dim")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        _positive_int(self.head_dim, "head_dim")
+        check_positive_int("head_dim", self.head_dim)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.mlp not in ("gated", "plain"):
