@@ -36,6 +36,7 @@ __all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "pack_json", "unpack_json
 #: Keys of the base weight's entries other than the JSON one, in bitsandbytes' order (the
 #: oracle's ``ARRAY_KEYS``, the one list of them).
 BASE_KEYS = ARRAY_KEYS
+_, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_QUANT_MAP = ARRAY_KEYS  # the names of the one key list
 
 
 def quant_state_key(quant_type: str) -> str:
@@ -105,7 +106,7 @@ def to_bnb_state_dict(packed: torch.Tensor, state: QuantState) -> dict:
     >>> from qlora_gpu import quantize_4bit
     >>> packed, state = quantize_4bit(torch.ones(4, 64), double_quant=True)
     >>> d = to_bnb_state_dict(packed, state)
-    >>> list(d)[:3], d["weight.absmax"].dtype
+    >>> list(d)[:3], d[ABSMAX].dtype
     (['weight', 'weight.absmax', 'weight.quant_map'], torch.uint8)
     >>> bytes(d["weight.quant_state.bitsandbytes__nf4"].tolist()).decode()  # doctest: +NORMALIZE_WHITESPACE
     '{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [4, 64],
@@ -115,14 +116,14 @@ def to_bnb_state_dict(packed: torch.Tensor, state: QuantState) -> dict:
                "shape": [int(d) for d in state.shape]}
     out = {"weight": packed.reshape(-1, 1)}
     if state.nested is None:
-        out["weight.absmax"] = state.absmax
-        out["weight.quant_map"] = state.code
+        out[ABSMAX] = state.absmax
+        out[QUANT_MAP] = state.code
     else:
         nest = state.nested
-        out["weight.absmax"] = nest.codes
-        out["weight.quant_map"] = state.code
-        out["weight.nested_absmax"] = nest.absmax
-        out["weight.nested_quant_map"] = nest.code
+        out[ABSMAX] = nest.codes
+        out[QUANT_MAP] = state.code
+        out[NESTED_ABSMAX] = nest.absmax
+        out[NESTED_QUANT_MAP] = nest.code
         # float() of the float32 offset: json writes the shortest float64 text, exact on reading.
         payload.update(nested_blocksize=int(nest.blocksize), nested_dtype="float32",
                        nested_offset=float(nest.offset.item()))
@@ -223,7 +224,7 @@ def from_bnb_state_dict(d: Mapping, device=None) -> tuple[torch.Tensor, QuantSta
     for k in d:
         if isinstance(k, str) and k.startswith("weight") and k != key and k not in BASE_KEYS:
             raise ValueError(f"unexpected key {k!r} for a 4-bit weight")
-        if k in ("weight.nested_absmax", "weight.nested_quant_map") and not nested:
+        if k in (NESTED_ABSMAX, NESTED_QUANT_MAP) and not nested:
             raise ValueError(f"{k!r} is present but the JSON in {key!r} has no nested_* fields")
     quant_type, blocksize, shape = meta["quant_type"], meta["blocksize"], tuple(meta["shape"])
     numel = math.prod(shape)
@@ -238,23 +239,23 @@ def from_bnb_state_dict(d: Mapping, device=None) -> tuple[torch.Tensor, QuantSta
         raise ValueError(f"'weight' has shape {tuple(w.shape)} and {nbytes} bytes, but shape {list(shape)} in "
                          f"{key!r} needs ({(numel + 1) // 2}, 1) bytes of packed codes")
     packed = w.contiguous().view(torch.uint8).reshape(-1, 1)
-    table = _tensor(d, "weight.quant_map", torch.float32, (16,))
+    table = _tensor(d, QUANT_MAP, torch.float32, (16,))
     expected = codebooks.codebook(quant_type, table.device)
     if not torch.equal(table.view(torch.int32), expected.view(torch.int32)):
         raise ValueError(f"'weight.quant_map' is not the {quant_type} codebook")
     common = dict(shape=shape, dtype=DTYPES[meta["dtype"]], blocksize=blocksize, quant_type=quant_type, code=table)
     if not nested:
-        absmax = _tensor(d, "weight.absmax", torch.float32, (n_blocks,))
+        absmax = _tensor(d, ABSMAX, torch.float32, (n_blocks,))
         if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
             raise ValueError("'weight.absmax' holds negative, NaN or Inf values")
         state = QuantState(**common, absmax=absmax)
     else:
         nbs = meta["nested_blocksize"]
-        codes = _tensor(d, "weight.absmax", torch.uint8, (n_blocks,))
-        nested_absmax = _tensor(d, "weight.nested_absmax", torch.float32, (-(-n_blocks // nbs),))
+        codes = _tensor(d, ABSMAX, torch.uint8, (n_blocks,))
+        nested_absmax = _tensor(d, NESTED_ABSMAX, torch.float32, (-(-n_blocks // nbs),))
         if not bool((torch.isfinite(nested_absmax) & (nested_absmax >= 0)).all()):
             raise ValueError("'weight.nested_absmax' holds negative, NaN or Inf values")
-        nested_map = _tensor(d, "weight.nested_quant_map", torch.float32, (256,))
+        nested_map = _tensor(d, NESTED_QUANT_MAP, torch.float32, (256,))
         if not bool(torch.isfinite(nested_map).all()):
             raise ValueError("'weight.nested_quant_map' holds NaN or Inf values")
         offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=codes.device)

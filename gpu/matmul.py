@@ -84,7 +84,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state, *, bias=None, back
     x2d = x.reshape(-1, K)  # (M, K)
     M = x2d.shape[0]
     if backend == "triton" and 0 < M <= FUSED_MAX_ROWS and K % 2 == 0 and x.dtype in _FUSED_DTYPES:
-        from qlora_gpu.kernels.matmul import matmul_4bit_triton
+        from qlora_gpu.kernels.matmul import matmul_4bit_triton  # optional: the kernels need Triton
 
         y = matmul_4bit_triton(x2d, flat, state, bias=bias, config=config)
         return y.reshape(*x.shape[:-1], N)

@@ -315,7 +315,7 @@ def double_quantize(absmax: torch.Tensor, *, blocksize: int = _NESTED_BLOCKSIZE,
         offset = (absmax.to(torch.float64).sum() / absmax.numel()).to(torch.float32)
     offset = torch.as_tensor(offset, dtype=torch.float32, device=absmax.device).reshape(())
     if resolve_backend(backend, absmax.device) == "triton":
-        from qlora_gpu.kernels.quantize import double_quantize_triton
+        from qlora_gpu.kernels.quantize import double_quantize_triton  # optional: the kernels need Triton
 
         codes, nested_absmax = double_quantize_triton(absmax, offset, blocksize)
     else:
@@ -389,7 +389,7 @@ def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf
     nested_on = _check_options(blocksize, quant_type, double_quant)
     t = _check_input(t, finite=False)
     if resolve_backend(backend, t.device) == "triton":
-        from qlora_gpu.kernels.quantize import quantize_4bit_triton
+        from qlora_gpu.kernels.quantize import quantize_4bit_triton  # optional: the kernels need Triton
 
         packed, absmax = quantize_4bit_triton(_check_finite(t), blocksize, quant_type)
     else:
@@ -461,7 +461,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, *, dtype=None, back
     flat = check_packed(packed, state)
     out_dtype = torch_dtype(state.dtype if dtype is None else dtype)
     if resolve_backend(backend, flat.device) == "triton":
-        from qlora_gpu.kernels.dequantize import dequantize_4bit_triton
+        from qlora_gpu.kernels.dequantize import dequantize_4bit_triton  # optional: the kernels need Triton
 
         return dequantize_4bit_triton(flat, state, out_dtype).reshape(state.shape)
     absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)

@@ -39,6 +39,8 @@ peft = pytest.importorskip("peft")
 import ml_dtypes  # noqa: E402
 from tolerances import assert_bit_equal, assert_derived, assert_within  # noqa: E402
 
+from qlora_gpu.state import tensor_to_numpy  # noqa: E402
+
 from qlora_ref import (  # noqa: E402
     NestedAbsmax,
     QuantState,
@@ -124,7 +126,7 @@ def _oracle_state(base):
     state = QuantState(shape=tuple(qs.shape), dtype="bfloat16", blocksize=qs.blocksize, quant_type=qs.quant_type,
                        code=qs.code.numpy().copy(), nested=nested)
     # Exact tier: the oracle's decode of bitsandbytes' state equals bitsandbytes' own decode.
-    theirs = bnb.functional.dequantize_4bit(base.weight.data, qs).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    theirs = tensor_to_numpy(bnb.functional.dequantize_4bit(base.weight.data, qs))
     assert_bit_equal(dequantize_4bit(packed, state, dtype="bfloat16"), theirs, "decoded NF4 base weight")
     try:
         from qlora_ref.formats.bnb import from_bnb_state_dict
