@@ -19,7 +19,7 @@ from strategies import blocksizes, hard_arrays, quant_types, small_blocksizes
 from tolerances import assert_bit_equal
 
 from qlora_ref.api import dequantize_4bit, quantize_4bit
-from qlora_ref.blockwise import blockwise_absmax, pack_4bit, unpack_4bit
+from qlora_ref.blockwise import blockwise_absmax, decode_4bit, decode_packed_4bit, pack_4bit, unpack_4bit
 from qlora_ref.codebooks import codebook, zero_code
 from qlora_ref.double_quant import DYNAMIC_MAP, dequantize_absmax, double_quantize
 from qlora_ref.state import INPUT_DTYPES
@@ -204,6 +204,17 @@ def test_packing_round_trips(codes, quant_type):
     assert packed[0, 0] >> 4 == codes[0], "first element in the high nibble"
     if codes.size % 2:
         assert packed[-1, 0] & 0x0F == zero_code(quant_type), "odd count padded with the zero code"
+
+
+@given(case=cases(), double_quant=st.booleans())
+def test_the_fast_decoder_equals_the_definition(case, double_quant):
+    """``dequantize_4bit`` runs ``decode_packed_4bit``; it equals ``decode_4bit(unpack_4bit(...))``."""
+    x, blocksize, quant_type = case
+    packed, state = quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
+    absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
+    definition = decode_4bit(unpack_4bit(packed, state.numel), absmax, blocksize, state.code)
+    fast = decode_packed_4bit(packed.reshape(-1), state.numel, absmax, blocksize, state.code)
+    assert_bit_equal(fast, definition, "decode_packed_4bit vs decode_4bit")
 
 
 @given(case=cases(), double_quant=st.booleans())
