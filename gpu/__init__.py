@@ -19,10 +19,17 @@ Layers and models (``qlora_gpu.linear``, ``qlora_gpu.model``): ``QLoRALinear``,
     ``replace_linear_with_qlora(model, target_modules, *, r=8, alpha=16, **options)``,
     ``adapter_state_dict``, ``trainable_parameters``.
 Checkpoints (``qlora_gpu.bnb_format``): ``to_bnb_state_dict``, ``from_bnb_state_dict``.
+Codebook tensors (``qlora_gpu.codebooks``): the oracle's tables as cached device tensors.
+Conformance (``qlora_gpu.providers``): ``TorchProvider`` and ``TritonProvider``, plugged into
+    ``qlora-ref check`` through the entry-point group ``qlora_ref.providers``.
 
-Backends: ``"torch"`` runs anywhere; ``"triton"`` runs the kernels of
-``qlora_gpu.kernels.quantize``, ``qlora_gpu.kernels.dequantize`` and ``qlora_gpu.kernels.matmul`` on
-CUDA (or on CPU under ``TRITON_INTERPRET=1``); ``"auto"`` picks Triton for CUDA tensors.
+Backends: ``"torch"`` runs anywhere; ``"triton"`` runs the kernels of ``qlora_gpu.kernels``
+(``quantize``, ``dequantize``, ``matmul``) on CUDA (or on CPU under ``TRITON_INTERPRET=1``);
+``"auto"`` picks Triton for CUDA tensors.
+
+Dependencies run one way: this package imports from ``qlora_ref`` only constants (codebooks,
+block sizes, the bitsandbytes keys) and the public state types, never an oracle function, so a
+test of the fast path against the oracle checks two independent implementations.
 
 Examples
 --------

@@ -1,6 +1,10 @@
 """Blockwise 4-bit quantization and decoding (NF4, FP4, INT4), bit-compatible with bitsandbytes.
 
-Pairs with ``qlora_gpu.quantize_4bit`` / ``qlora_gpu.dequantize_4bit`` (torch and Triton).
+One level of blocks, the definitions: ``blockwise_absmax``, ``encode_4bit``, ``pack_4bit`` /
+``unpack_4bit``, ``decode_4bit``, and beside it ``decode_packed_4bit``, the faster equivalent that
+``qlora_ref.api.dequantize_4bit`` runs (tested equal, bit for bit). ``qlora_ref.api`` puts these
+together with double quantization into ``quantize_4bit`` / ``dequantize_4bit``. Fast pairs:
+``qlora_gpu.quantize_4bit`` / ``qlora_gpu.dequantize_4bit`` (torch and Triton).
 
 Note: quantization semantics
     1. The input (float32, float16 or bfloat16) is converted exactly to float32 and flattened in
