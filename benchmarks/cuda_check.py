@@ -4,7 +4,7 @@
 
 1. Tests: ``pytest -k cuda`` over the fast path's test files (every case parametrized on the
    ``cuda`` device, and the QLoRA layer against the oracle on CUDA).
-2. Check, then time (STYLE.md): each kernel's output is first compared with the oracle (a
+2. Check, then time (docs/benchmarks.md): each kernel's output is first compared with the oracle (a
    1024x1024 weight, bit for bit) and with the torch backend on the benchmark shape, then timed
    with ``triton.testing.do_bench`` (warm-up, L2 flushed before every run, median and 20/80
    quantiles), interleaving implementations over two rounds, on a 4096x14336 weight (NF4,

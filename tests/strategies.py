@@ -1,4 +1,4 @@
-"""Hypothesis strategies shared by all tests (one place, as STYLE.md asks).
+"""Hypothesis strategies shared by all tests (one place, so every test draws the same kinds of input).
 
 Covers element counts that are not a multiple of the block, all-zero blocks, values exactly on
 codebook midpoints times absmax, the largest and subnormal floats, irregular shapes; NaN and Inf

@@ -1,6 +1,6 @@
 """Name every difference between the oracle's 4-bit state and another implementation's.
 
-The "classified" tolerance tier (STYLE.md): codes from another implementation may differ from
+The "classified" tolerance tier (docs/tolerances.md): codes from another implementation may differ from
 the oracle's only where a known, named rule of that implementation decides differently. Each
 class below is such a rule, written as an alternative encoder; a differing element belongs to
 the first class whose rule reproduces the other implementation's value, and anything no rule
