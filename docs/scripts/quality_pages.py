@@ -1,8 +1,8 @@
 """Make the quality page's table and loss-curve figure from the experiment's saved JSON.
 
-Run ``qlora-ref quality --out docs/generated/quality.json`` first (about 10 minutes on 2 CPU
-cores), then ``python docs/scripts/quality_pages.py``. It writes
-``docs/generated/quality_table.md`` and ``docs/figures/quality_curves.png``.
+Run ``python -m benchmarks.quality --out docs/generated/quality.json`` first, from a source
+checkout (about 10 minutes on 2 CPU cores), then ``python docs/scripts/quality_pages.py``. It
+writes ``docs/generated/quality_table.md`` and ``docs/figures/quality_curves.png``.
 """
 
 from __future__ import annotations
