@@ -87,6 +87,12 @@ def _check_input(t, finite: bool = True) -> torch.Tensor:
         raise TypeError(f"t has dtype {t.dtype}; expected float32, float16 or bfloat16")
     if t.numel() == 0:
         raise ValueError("t is empty: there is nothing to quantize")
+    if t.ndim == 0:
+        raise ValueError("t is 0-d: bitsandbytes cannot store the shape () of a 4-bit state; reshape it to (1,)")
+    if t.is_meta:
+        raise ValueError("t is a meta tensor (no data): materialize it (e.g. module.to_empty(device=...) and "
+                         "load its weights) before quantizing")
+    t = t.detach()  # quantization is not differentiable; the codes never carry a gradient
     return _check_finite(t) if finite else t
 
 
@@ -343,6 +349,8 @@ def dequantize_absmax(nested: NestedAbsmax) -> torch.Tensor:
     """
     codes = nested.codes.to(torch.int64)
     n = codes.numel()
+    if nested.blocksize > n:  # one nested block: never pad to a size a header field chose
+        return nested.code.to(torch.float32)[codes] * nested.absmax[:1] + nested.offset
     values = _blocks(nested.code.to(torch.float32)[codes], nested.blocksize)  # (n_nested, bs)
     scaled = (values * nested.absmax[:, None]).reshape(-1)[:n]
     return scaled + nested.offset

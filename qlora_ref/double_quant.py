@@ -218,6 +218,8 @@ def dequantize_absmax(nested: NestedAbsmax) -> np.ndarray:
     if nested.code is None or nested.code.shape != (256,):
         raise ValueError("the nested code map must have 256 entries")
     table = nested.code.astype(np.float32)
-    scale = np.repeat(nested.absmax.astype(np.float32), nested.blocksize)[: codes.size]
+    # One nested absmax per code, by index: O(n_blocks) whatever the nested block size says
+    # (a repeated array would be sized by a header field; Note: sizes from the data).
+    scale = nested.absmax.astype(np.float32)[np.arange(codes.size) // int(nested.blocksize)]
     with np.errstate(over="ignore"):  # a sum beyond float32's range is inf, as in bitsandbytes
         return (table[codes] * scale) + np.float32(nested.offset)
