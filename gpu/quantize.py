@@ -325,7 +325,8 @@ def double_quantize(absmax: torch.Tensor, *, blocksize: int = _NESTED_BLOCKSIZE,
 
         codes, nested_absmax = double_quantize_triton(absmax, offset, blocksize)
     else:
-        v = _blocks(absmax - offset, blocksize)  # (n_nested, blocksize) float32; padding is 0
+        # (n_nested, blocksize) float32; padding is 0. One block when blocksize >= n: pad to n only.
+        v = _blocks(absmax - offset, min(blocksize, absmax.numel()))
         nested_absmax = v.abs().amax(dim=1)  # (n_nested,)
         s = v * torch.reciprocal(nested_absmax)[:, None]  # float32; NaN where 0 * inf
         position = torch.searchsorted(codebooks.dynamic_midpoints(absmax.device), s.to(torch.float64).contiguous(),

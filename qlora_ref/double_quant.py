@@ -115,6 +115,7 @@ def encode_nearest(values: np.ndarray, table: np.ndarray) -> np.ndarray:
 def _blockwise_scale(v: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``v`` (float32, flat) into blocks; return (per-block absmax, v * float32(1/absmax))."""
     n = v.size
+    blocksize = min(blocksize, n)  # one block holds everything: pad to n, not to a size we were told
     n_blocks = -(-n // blocksize)
     padded = np.zeros(n_blocks * blocksize, dtype=np.float32)
     padded[:n] = v

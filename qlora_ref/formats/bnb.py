@@ -232,7 +232,7 @@ def from_bnb_state_dict(d: Mapping, *, copy: bool = True) -> tuple[np.ndarray, Q
         are read as uint8.
     copy : bool
         Copy the packed codes (default). ``False`` keeps a view of ``d["weight"]``, so a
-        memory-mapped checkpoint is not read until it is decoded (``qlora_ref.checkpoint``).
+        memory-mapped checkpoint is not read until it is decoded (``qlora_ref.formats.checkpoint``).
 
     Returns
     -------

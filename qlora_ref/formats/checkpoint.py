@@ -11,15 +11,23 @@ writing go through the ``safetensors`` library's NumPy API (bfloat16 arrives as
 checkpoint) and ``qlora-ref inspect``.
 
 Note: hostile files
-    Every problem is a ``ValueError`` that names the file, the tensor and what is wrong: a file
-    the safetensors library refuses (truncated, header entries whose shape, dtype and offsets
-    disagree; the header is then read once more only to name the offending tensor), a dtype the
-    reader cannot represent, 4-bit entries without their quant_state JSON, and everything
-    ``from_bnb_state_dict`` checks (missing keys, JSON that disagrees with the arrays, absmax of
-    the wrong length, an unknown quant type, a packed size that does not match the shape).
+    Every problem is a ``ValueError`` that names the file, the tensor and what is wrong: a header
+    that is not a JSON object or whose entries are malformed (``read_header``: shape, dtype and
+    offsets that disagree, overlap, leave gaps or run past the end; a file the safetensors
+    library refuses is refused too), a dtype the reader cannot represent, 4-bit entries without
+    their quant_state JSON, and everything ``from_bnb_state_dict`` checks (missing keys, JSON
+    that disagrees with the arrays, absmax of the wrong length, an unknown quant type or nested
+    block size, a packed size that does not match the shape, computed exactly in Python ints).
     bitsandbytes' CPU repacking hazard (formats.md section 5: a ``state_dict()`` taken after an
     eval forward on an AVX-512-BF16 CPU re-quantizes the absmax through bfloat16 and writes
-    ``nested_dtype "bfloat16"``) is refused with that explanation.
+    ``nested_dtype "bfloat16"``) is refused with that explanation. A sharded index may only name
+    regular files inside its folder (Note: hostile paths in ``qlora_ref.formats.safe_io``).
+
+Note: streaming reads
+    A file is opened by reading its 8-byte length and its header only (the data size comes from
+    ``stat``); each tensor is then a read-only NumPy array over a memory map of the file, so
+    listing the layers of a checkpoint (``qlora-ref inspect``) reads the small arrays it checks
+    (absmax, maps, JSON) and never the packed weights. Decoding a layer reads its bytes then.
 """
 
 from __future__ import annotations
@@ -108,7 +116,8 @@ class Checkpoint:
         The safetensors files read (several for a sharded folder).
     layers : dict of str to Layer4bit
     tensors : dict of str to ndarray
-        Every tensor that is not part of a 4-bit weight (biases, norms, embeddings).
+        Every tensor that is not part of a 4-bit weight (biases, norms, embeddings): read-only
+        arrays mapped from the file (Note: streaming reads).
     metadata : dict of str to str
         The ``__metadata__`` of the (first) file.
     """
@@ -470,4 +479,11 @@ def write_checkpoint(path, layers, tensors=None, *, metadata=None) -> None:
         if key in out:
             raise ValueError(f"key {key!r} is both a 4-bit entry and a plain tensor")
         out[key] = np.ascontiguousarray(a)
-    save_file(out, str(path), metadata={"format": "pt"} if metadata is None else dict(metadata))
+    # A temporary file beside the target, renamed over it: a failed write leaves no half file.
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(out, str(tmp), metadata={"format": "pt"} if metadata is None else dict(metadata))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

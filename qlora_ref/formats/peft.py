@@ -116,7 +116,7 @@ def _check_pattern_tree(items, where: str, inside_repeat: bool, repeats: list) -
 
 
 def check_pattern(pattern, where: str) -> re.Pattern:
-    """Compile a ``rank_pattern`` / ``alpha_pattern`` key, refusing patterns that can hang.
+    r"""Compile a ``rank_pattern`` / ``alpha_pattern`` key, refusing patterns that can hang.
 
     Raises
     ------

@@ -13,7 +13,7 @@ Note: hostile paths
 
 Note: writes that never destroy
     Outputs are written to a temporary file in the same folder and renamed over the target, so
-    an interrupted run leaves the old file whole; a symlink at the target is refused, never
+    an interrupted run leaves the old file whole; a symlink at the target is replaced, never
     followed. Long commands call ``check_writable`` on their output before they start work.
 """
 
@@ -187,11 +187,10 @@ def check_writable(path, *, what: str = "output") -> Path:
 def write_bytes_atomic(path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``.
 
-    A symlink at ``path`` is refused, never followed (see Note: writes that never destroy).
+    A symlink at ``path`` is replaced by the file, never followed (``os.replace`` renames over
+    the link itself; see Note: writes that never destroy).
     """
     path = Path(path)
-    if path.is_symlink():
-        raise ValueError(f"{path} is a symlink; refusing to write through it")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
