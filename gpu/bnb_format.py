@@ -153,7 +153,10 @@ def _read_meta(d: Mapping) -> tuple[str, dict, bool]:
     key = keys[0]
     if key[len(QUANT_STATE_PREFIX):] not in codebooks.CODEBOOKS or not key.startswith(QUANT_STATE_PREFIX):
         raise ValueError(f"{key!r}: unknown quant type")
-    meta = unpack_json(d[key])
+    try:
+        meta = unpack_json(d[key])
+    except ValueError as exc:
+        raise ValueError(f"{key!r}: {exc}") from None
     missing = [k for k in JSON_KEYS if k not in meta]
     unknown = sorted(set(meta) - set(JSON_KEYS) - set(NESTED_JSON_KEYS))
     if missing or unknown:

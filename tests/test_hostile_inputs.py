@@ -462,14 +462,12 @@ def test_vectors_force_replaces_a_symlink_without_following_it(tmp_path):
 
 
 def test_command_line_user_errors_are_one_line_exit_2(tmp_path):
-    unwritable = tmp_path / "missing" / "results.json"
     cases = [
         (("report", "--size", "40000"), "out of range"),
-                        (                (("check", "--rounds", "-1"), "out of range"),
+        (("check", "--rounds", "-1"), "out of range"),
         (("inspect", str(tmp_path / "nothing")), "no checkpoint"),
         (("vectors", "--force"), "--force only applies to --out"),
     ]
-    (tmp_path / "junk.json").write_text(json.dumps({"a": 1}))
     for args, message in cases:
         _assert_one_line_error(_cli(*args), message)
 

@@ -21,7 +21,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def one_line(exc: BaseException) -> str:
-    """The message of a user error on one line (newlines and runs of spaces collapsed).
+    r"""The message of a user error on one line (newlines and runs of spaces collapsed).
 
     Examples
     --------
