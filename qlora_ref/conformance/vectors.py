@@ -14,7 +14,9 @@ Note: golden-vector format (format_version 1)
     ``tags``, ``params`` and ``arrays``. Each array entry names its ``file`` (relative to the
     folder, ``<case>/<array>.bin``), ``dtype`` (``uint8``, ``int8``, ``float16``, ``bfloat16``,
     ``float32``, ``float64``), ``shape`` (row-major) and ``sha256`` of the file. A file holds
-    exactly ``prod(shape) * itemsize`` bytes, no header.
+    exactly ``prod(shape) * itemsize`` bytes, no header. The params and arrays each kind needs
+    are ``REQUIRED``; the reader checks that the arrays' sizes agree with the params (``n``,
+    ``shape``, ``n_blocks``, ``in_features``, ...) before a case is run.
 """
 
 from __future__ import annotations
@@ -255,9 +257,55 @@ _PARAM_RULES = {
     "alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
     "scaling": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
     "dropout_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "in [0, 1)"),
+    "double_quant": (lambda v: isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "budgets": (lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      for x in v.values()), "an object of numbers"),
     "nested_offset": (lambda v: isinstance(v, dict) and isinstance(v.get("value"), (int, float))
                       and not isinstance(v.get("value"), bool) and math.isfinite(v["value"]), "{'value': number}"),
 }
+
+
+#: The params and arrays each case kind must hold (what ``qlora-ref check`` reads).
+REQUIRED = {
+    "quantize": (("blocksize", "double_quant", "dtype", "n_blocks", "quant_type", "shape"),
+                 ("absmax", "codes", "decoded", "input", "packed")),
+    "double_quant": (("n", "nested_blocksize", "nested_offset"), ("absmax_dq", "input", "nested_absmax", "nested_codes")),
+    "dequantize": (("blocksize", "dtype", "n_blocks", "quant_type", "shape"), ("absmax", "decoded", "packed")),
+    "lora": (("alpha", "budgets", "dropout_p", "dtype", "in_features", "out_features", "r", "scaling", "use_rslora"),
+             ("A", "B", "W", "grad_A", "grad_B", "grad_x", "grad_y", "x", "y")),
+    "qlora": (("alpha", "blocksize", "budgets", "compute_dtype", "dropout_p", "dtype", "in_features", "n_blocks",
+               "nested_blocksize", "nested_offset", "out_features", "quant_type", "r", "scaling", "shape",
+               "use_rslora", "weight_dtype"),
+              ("A", "B", "W_c", "grad_A", "grad_B", "grad_x", "grad_y", "nested_absmax", "nested_codes", "packed",
+               "x", "y")),
+}
+
+
+def _size(entry: dict) -> int:
+    return math.prod(entry["shape"])
+
+
+def _check_sizes(where: str, kind: str, p: dict, arrays: dict) -> None:
+    """The arrays' element counts agree with the params: sizes come from the data."""
+    expected = {}
+    if kind in ("quantize", "dequantize", "qlora"):
+        n = math.prod(p["shape"])
+        if -(-n // p["blocksize"]) != p["n_blocks"]:
+            raise ValueError(f"{where}: n_blocks {p['n_blocks']} disagrees with shape {p['shape']} in blocks of "
+                             f"{p['blocksize']}")
+        expected.update(packed=(n + 1) // 2, input=n, decoded=n, codes=n, absmax=p["n_blocks"],
+                        nested_codes=p["n_blocks"])
+    if kind == "double_quant":
+        expected.update(input=p["n"], absmax_dq=p["n"], nested_codes=p["n"])
+    if kind in ("lora", "qlora"):
+        r, n_in, n_out = p["r"], p["in_features"], p["out_features"]
+        expected.update(A=r * n_in, B=n_out * r, W=n_out * n_in, W_c=n_out * n_in, grad_A=r * n_in, grad_B=n_out * r)
+        if kind == "qlora" and list(p["shape"]) != [n_out, n_in]:
+            raise ValueError(f"{where}: shape {p['shape']} is not [out_features, in_features]")
+    for key, n in expected.items():
+        if key in arrays and _size(arrays[key]) != n:
+            raise ValueError(f"{where}: array {key!r} has {_size(arrays[key])} elements, the params need {n}")
 
 
 def _check_manifest(path: Path, manifest: dict) -> None:
@@ -283,11 +331,16 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         params, arrays = case.get("params"), case.get("arrays")
         if not isinstance(params, dict) or not isinstance(arrays, dict):
             raise ValueError(f"{where}: 'params' and 'arrays' must be objects")
+        need_params, need_arrays = REQUIRED[case["kind"]]
+        missing = [k for k in need_params if k not in params] + [k for k in need_arrays if k not in arrays]
+        if missing:
+            raise ValueError(f"{where}: a {case['kind']} case needs {missing}")
         for key, (ok, rule) in _PARAM_RULES.items():
             if key in params and not ok(params[key]):
                 raise ValueError(f"{where}: params[{key!r}] = {params[key]!r} must be {rule}")
         for key, entry in arrays.items():
             total += _check_entry(f"{where}: array {key!r}", entry)
+        _check_sizes(where, case["kind"], params, arrays)
     if total > MAX_TOTAL_BYTES:
         raise ValueError(f"{path}: the arrays would hold {total} bytes, more than the {MAX_TOTAL_BYTES} allowed")
 

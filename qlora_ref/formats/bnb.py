@@ -231,8 +231,8 @@ def from_bnb_state_dict(d: Mapping, *, copy: bool = True) -> tuple[np.ndarray, Q
         ``weight`` may use another storage dtype (bitsandbytes' ``quant_storage``): its bytes
         are read as uint8.
     copy : bool
-        Copy the packed codes (default). ``False`` keeps a view of ``d["weight"]``, so a
-        memory-mapped checkpoint is not read until it is decoded (``qlora_ref.formats.checkpoint``).
+        Copy the arrays (default). ``False`` keeps views of ``d``'s arrays, so a memory-mapped
+        checkpoint is not read until it is decoded (``qlora_ref.formats.checkpoint``).
 
     Returns
     -------
@@ -291,18 +291,21 @@ def from_bnb_state_dict(d: Mapping, *, copy: bool = True) -> tuple[np.ndarray, Q
     if copy:
         packed = packed.copy()
 
+    def own(a: np.ndarray) -> np.ndarray:
+        return a.copy() if copy else a
+
     table = _array(d, "weight.quant_map", np.float32, (16,))
     expected = codebook(quant_type)
     if not np.array_equal(table.view(np.uint32), expected.view(np.uint32)):
         raise ValueError(f"'weight.quant_map' is not bitsandbytes' {quant_type} codebook")
 
     common = dict(shape=shape, dtype=meta["dtype"], blocksize=blocksize, quant_type=quant_type,
-                  code=table.copy())
+                  code=own(table))
     if not nested:
         absmax = _array(d, "weight.absmax", np.float32, (n_blocks,))
         if not (np.all(np.isfinite(absmax)) and np.all(absmax >= 0)):
             raise ValueError("'weight.absmax' holds negative, NaN or Inf values")
-        return packed, QuantState(**common, absmax=absmax.copy())
+        return packed, QuantState(**common, absmax=own(absmax))
 
     nbs = meta["nested_blocksize"]
     nested_absmax = _array(d, "weight.nested_absmax", np.float32, (-(-n_blocks // nbs),))
@@ -313,7 +316,7 @@ def from_bnb_state_dict(d: Mapping, *, copy: bool = True) -> tuple[np.ndarray, Q
         raise ValueError("'weight.nested_quant_map' holds NaN or Inf values")
     codes = _array(d, "weight.absmax", np.uint8, (n_blocks,))
     state = QuantState(**common, nested=NestedAbsmax(
-        scheme="bnb", codes=codes.copy(), absmax=nested_absmax.copy(), code=nested_map.copy(),
+        scheme="bnb", codes=own(codes), absmax=own(nested_absmax), code=own(nested_map),
         offset=np.float32(meta["nested_offset"]), blocksize=nbs,
     ))
     return packed, state
