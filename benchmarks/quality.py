@@ -26,7 +26,6 @@ Run it with ``python -m benchmarks.quality`` (``main``: the command line);
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -43,6 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qlora_gpu import replace_linear_with_qlora
+from qlora_ref.cli.args import ArgumentParser, int_in, writable_file
+from qlora_ref.formats.safe_io import write_bytes_atomic
 from qlora_ref.text_table import format_table
 
 __all__ = ["SIZES", "ARMS", "ExperimentConfig", "TinyLM", "load_corpora", "run_experiment"]
@@ -406,7 +407,7 @@ def save_results(results: dict, path) -> Path:
     """Write results as JSON (sorted keys, stable formatting)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_bytes_atomic(path, (json.dumps(results, indent=1, sort_keys=True) + "\n").encode())  # temp + rename
     return path
 
 
@@ -434,15 +435,16 @@ def summary_table(results: dict) -> str:
 
 def main(argv=None) -> int:
     """``python -m benchmarks.quality``: run the experiment, print the table, save the JSON."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality",
+    p = ArgumentParser(prog="python -m benchmarks.quality",
                                 description="Fine-tune a small LM with a 4-bit base (NF4/FP4/INT4) vs LoRA "
                                             "and full fine-tuning.")
     p.add_argument("--size", default="default", choices=["tiny", "default", "large"],
                    help="tiny: seconds (smoke test); default: about 10 minutes on 2 CPU cores; large: a GPU")
     p.add_argument("--arms", default="", help="comma-separated subset of arms (default: all)")
-    p.add_argument("--out", default="", help="write the results as JSON to this path")
+    p.add_argument("--out", type=writable_file, default="",
+                   help="write the results as JSON to this path (checked writable before the run)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=int_in(1, 1024), default=1, help="torch intra-op threads (default 1)")
     args = p.parse_args(argv)
     arms = args.arms.split(",") if args.arms else ARMS
     results = run_experiment(args.size, arms=arms, progress=None if args.quiet else print, threads=args.threads)

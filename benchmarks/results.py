@@ -28,6 +28,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from qlora_ref.formats.safe_io import write_bytes_atomic
+
 __all__ = ["environment", "bnb_paths", "make_record", "add_percentages", "add_ratios", "results_document", "write_results",
            "load_results", "SCHEMA"]
 
@@ -181,7 +183,7 @@ def write_results(doc: dict, path) -> Path:
     """Write a results document as indented JSON; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    write_bytes_atomic(path, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())  # temp file + rename
     return path
 
 

@@ -10,13 +10,14 @@ without running anything (the committed CPU results, or a GPU run's
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from qlora_ref.cli.args import ArgumentParser, one_line, writable_file
+from qlora_ref.formats.safe_io import read_json_file
 from qlora_ref.text_table import format_table
 
 __all__ = ["summary_table", "evaluate_targets", "targets_table", "TARGETS", "find_suite", "main"]
@@ -162,10 +163,12 @@ def find_suite() -> Path:
 
 def _run(args) -> int:
     if args.summary:
-        doc = json.loads(Path(args.summary).read_text())
-        print(summary_table(doc))
-        print()
-        print(targets_table(doc))
+        doc = read_json_file(args.summary)
+        try:
+            text = summary_table(doc) + "\n\n" + targets_table(doc)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"{args.summary}: not a results file of python -m benchmarks (no {exc})") from None
+        print(text)
         return 0
     suite = find_suite()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="qlora-bench-")) / "results.json"
@@ -182,7 +185,7 @@ def _run(args) -> int:
     if not out.is_file():
         print(f"python -m benchmarks: the suite wrote no results (pytest exit status {status})", file=sys.stderr)
         return status or 1
-    doc = json.loads(out.read_text())
+    doc = read_json_file(out)
     print()
     print(summary_table(doc))
     print()
@@ -193,11 +196,17 @@ def _run(args) -> int:
 
 def main(argv=None) -> int:
     """``python -m benchmarks``: run the suite (quick CPU run by default) and print a summary."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks",
+    p = ArgumentParser(prog="python -m benchmarks",
                                 description="Run the benchmark suite (quick CPU run by default) and print a summary.")
     p.add_argument("--full", action="store_true", help="every shape (4096x4096 up to 8192x28672) and 512-4096 tokens")
     p.add_argument("--device", default="", choices=["", "cpu", "cuda"], help="default: cuda if available")
     p.add_argument("-k", default="", help="pytest -k expression selecting cases (e.g. 'decode and bnb')")
-    p.add_argument("--out", default="", help="write the results JSON here (default: a temporary folder)")
+    p.add_argument("--out", type=writable_file, default="",
+                   help="write the results JSON here (default: a temporary folder; checked writable first)")
     p.add_argument("--summary", default="", metavar="FILE", help="print the summary of a results file and exit")
-    return _run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, TypeError, OSError) as exc:  # user errors: one line, exit 2 (as qlora-ref)
+        print(f"python -m benchmarks: error: {one_line(exc)}", file=sys.stderr)
+        return 2

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import torch
 
 from qlora_gpu import codebooks
-from qlora_gpu.state import BLOCKSIZES, DTYPES, NestedAbsmax, QuantState, dtype_name
+from qlora_gpu.state import BLOCKSIZES, DTYPES, NESTED_BLOCKSIZES, NestedAbsmax, QuantState, dtype_name
 from qlora_ref.formats.bnb import ARRAY_KEYS, JSON_KEYS, NESTED_JSON_KEYS, QUANT_STATE_PREFIX
 
 __all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "pack_json", "unpack_json", "quant_state_key", "BASE_KEYS"]
@@ -82,6 +82,8 @@ def unpack_json(t: torch.Tensor) -> dict:
         meta = json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"the quant_state entry is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("the quant_state entry is not UTF-8 JSON: nested too deeply") from None
     if not isinstance(meta, dict):
         raise ValueError(f"the quant_state entry must hold a JSON object, got {type(meta).__name__}")
     return meta
@@ -151,7 +153,10 @@ def _read_meta(d: Mapping) -> tuple[str, dict, bool]:
     key = keys[0]
     if key[len(QUANT_STATE_PREFIX):] not in codebooks.CODEBOOKS or not key.startswith(QUANT_STATE_PREFIX):
         raise ValueError(f"{key!r}: unknown quant type")
-    meta = unpack_json(d[key])
+    try:
+        meta = unpack_json(d[key])
+    except ValueError as exc:
+        raise ValueError(f"{key!r}: {exc}") from None
     missing = [k for k in JSON_KEYS if k not in meta]
     unknown = sorted(set(meta) - set(JSON_KEYS) - set(NESTED_JSON_KEYS))
     if missing or unknown:
@@ -173,6 +178,9 @@ def _read_meta(d: Mapping) -> tuple[str, dict, bool]:
         nbs, off = meta["nested_blocksize"], meta["nested_offset"]
         if isinstance(nbs, bool) or not isinstance(nbs, int) or nbs <= 0:
             raise ValueError(f"{key!r}: nested_blocksize {nbs!r} must be a positive int")
+        if nbs not in NESTED_BLOCKSIZES:
+            raise ValueError(f"{key!r}: nested_blocksize {nbs} is not one of {NESTED_BLOCKSIZES} "
+                             f"(bitsandbytes writes 256)")
         if meta["nested_dtype"] != "float32":
             raise ValueError(f"{key!r}: nested_dtype {meta['nested_dtype']!r} is not 'float32'")
         if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):

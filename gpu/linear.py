@@ -213,10 +213,23 @@ class QLoRALinear(nn.Module):
         True
         """
         packed, state = from_bnb_state_dict(d)
+        if len(state.shape) != 2:
+            raise ValueError(f"a linear layer's weight is 2-D (out, in); the quant_state JSON gives shape {state.shape}")
         out_features, in_features = state.shape
         for k in ("quant_type", "blocksize", "double_quant", "dtype", "bias", "_base", "_quantized"):
             options.pop(k, None)
         bias = d.get("bias")
+        # Exact shapes, as load_state_dict requires: copy_ would broadcast (1, in) over (r, in).
+        expected = {"bias": (out_features,), "lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
+        for key, shape in expected.items():
+            if key in d:
+                if not isinstance(d[key], torch.Tensor):
+                    raise TypeError(f"{key!r} must be a tensor, got {type(d[key]).__name__}")
+                if tuple(d[key].shape) != shape:
+                    raise ValueError(f"{key!r} has shape {tuple(d[key].shape)}, but a layer of shape "
+                                     f"{state.shape} with r = {r} needs {shape}")
+        if ("lora_A.weight" in d) != ("lora_B.weight" in d):
+            raise ValueError("the state dict holds only one of 'lora_A.weight' and 'lora_B.weight'")
         layer = cls(in_features, out_features, r, alpha,
                     _quantized=(packed.clone(), _clone_state(state), None if bias is None else bias.detach().clone()),
                     **options)

@@ -87,6 +87,12 @@ def _check_input(t, finite: bool = True) -> torch.Tensor:
         raise TypeError(f"t has dtype {t.dtype}; expected float32, float16 or bfloat16")
     if t.numel() == 0:
         raise ValueError("t is empty: there is nothing to quantize")
+    if t.ndim == 0:
+        raise ValueError("t is 0-d: bitsandbytes cannot store the shape () of a 4-bit state; reshape it to (1,)")
+    if t.is_meta:
+        raise ValueError("t is a meta tensor (no data): materialize it (e.g. module.to_empty(device=...) and "
+                         "load its weights) before quantizing")
+    t = t.detach()  # quantization is not differentiable; the codes never carry a gradient
     return _check_finite(t) if finite else t
 
 
@@ -319,7 +325,8 @@ def double_quantize(absmax: torch.Tensor, *, blocksize: int = _NESTED_BLOCKSIZE,
 
         codes, nested_absmax = double_quantize_triton(absmax, offset, blocksize)
     else:
-        v = _blocks(absmax - offset, blocksize)  # (n_nested, blocksize) float32; padding is 0
+        # (n_nested, blocksize) float32; padding is 0. One block when blocksize >= n: pad to n only.
+        v = _blocks(absmax - offset, min(blocksize, absmax.numel()))
         nested_absmax = v.abs().amax(dim=1)  # (n_nested,)
         s = v * torch.reciprocal(nested_absmax)[:, None]  # float32; NaN where 0 * inf
         position = torch.searchsorted(codebooks.dynamic_midpoints(absmax.device), s.to(torch.float64).contiguous(),
@@ -343,6 +350,8 @@ def dequantize_absmax(nested: NestedAbsmax) -> torch.Tensor:
     """
     codes = nested.codes.to(torch.int64)
     n = codes.numel()
+    if nested.blocksize > n:  # one nested block: never pad to a size a header field chose
+        return nested.code.to(torch.float32)[codes] * nested.absmax[:1] + nested.offset
     values = _blocks(nested.code.to(torch.float32)[codes], nested.blocksize)  # (n_nested, bs)
     scaled = (values * nested.absmax[:, None]).reshape(-1)[:n]
     return scaled + nested.offset

@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from qlora_ref.state import BLOCKSIZES, QUANT_TYPES, BlockLayout
+from qlora_ref.state import BLOCKSIZES, NESTED_BLOCKSIZES, QUANT_TYPES, BlockLayout
 from qlora_ref.state import NestedAbsmax as RefNested
 from qlora_ref.state import QuantState as RefState
 
@@ -35,6 +35,7 @@ __all__ = [
     "QuantState",
     "NestedAbsmax",
     "BLOCKSIZES",
+    "NESTED_BLOCKSIZES",
     "QUANT_TYPES",
     "DTYPES",
     "torch_dtype",

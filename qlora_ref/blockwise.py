@@ -191,6 +191,9 @@ def as_float32_flat(x) -> tuple[np.ndarray, str]:
     name = dtype_name(x.dtype)  # TypeError for any other dtype
     if x.size == 0:
         raise ValueError("x is empty: there is nothing to quantize")
+    if x.ndim == 0:
+        raise ValueError("x is 0-d: bitsandbytes cannot store the shape () of a 4-bit state; "
+                         "reshape it to (1,)")
     x32 = np.ascontiguousarray(x).astype(np.float32).reshape(-1)  # exact for all three dtypes
     finite = np.isfinite(x32)
     if not finite.all():

@@ -115,6 +115,7 @@ def encode_nearest(values: np.ndarray, table: np.ndarray) -> np.ndarray:
 def _blockwise_scale(v: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``v`` (float32, flat) into blocks; return (per-block absmax, v * float32(1/absmax))."""
     n = v.size
+    blocksize = min(blocksize, n)  # one block holds everything: pad to n, not to a size we were told
     n_blocks = -(-n // blocksize)
     padded = np.zeros(n_blocks * blocksize, dtype=np.float32)
     padded[:n] = v
@@ -218,6 +219,8 @@ def dequantize_absmax(nested: NestedAbsmax) -> np.ndarray:
     if nested.code is None or nested.code.shape != (256,):
         raise ValueError("the nested code map must have 256 entries")
     table = nested.code.astype(np.float32)
-    scale = np.repeat(nested.absmax.astype(np.float32), nested.blocksize)[: codes.size]
+    # One nested absmax per code, by index: O(n_blocks) whatever the nested block size says
+    # (a repeated array would be sized by a header field; Note: sizes from the data).
+    scale = nested.absmax.astype(np.float32)[np.arange(codes.size) // int(nested.blocksize)]
     with np.errstate(over="ignore"):  # a sum beyond float32's range is inf, as in bitsandbytes
         return (table[codes] * scale) + np.float32(nested.offset)

@@ -3,6 +3,14 @@
 Pairs with ``qlora_ref.blockwise`` (which makes states) and ``qlora_ref.formats.bnb`` (which writes
 and reads them as bitsandbytes state-dict entries). Fast pair: ``qlora_gpu.QuantState``.
 
+Note: sizes from the data
+    A file's header says how large things are (shape, block size, nested block size); a reader
+    believes it only after checking it against the format's allowed values and against the
+    bytes present, with exact Python-int arithmetic (a shape product cannot wrap round in
+    int64). Decoding allocates in proportion to its output, never an array sized by a header
+    field. ``BlockLayout`` checks a state's fields when it is built, for the oracle's
+    ``QuantState`` and ``qlora_gpu.QuantState`` alike (one rule, inherited).
+
 Note: storage accounting
     ``nbytes`` counts every array a checkpoint stores for the tensor: the packed codes, the
     absmax constants (float32, or uint8 codes plus the nested float32 absmax when double
@@ -25,6 +33,7 @@ __all__ = [
     "BlockLayout",
     "BLOCKSIZES",
     "NESTED_BLOCKSIZE",
+    "NESTED_BLOCKSIZES",
     "INPUT_DTYPES",
     "QUANT_TYPES",
     "dtype_name",
@@ -35,6 +44,10 @@ __all__ = [
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Absmax constants per nested block in bitsandbytes' double quantization (its ``blocksize=256``).
 NESTED_BLOCKSIZE = 256
+#: Nested block sizes a reader accepts from a file; a state built in memory may use any positive
+#: size, and decoding allocates by the number of constants, never by this size (Note: sizes
+#: from the data).
+NESTED_BLOCKSIZES = BLOCKSIZES
 #: Input and output dtypes, by name.
 INPUT_DTYPES = {
     "float32": np.dtype(np.float32),
@@ -122,6 +135,26 @@ class BlockLayout:
     def __post_init__(self):
         if (self.absmax is None) == (self.nested is None):
             raise ValueError("a QuantState holds exactly one of absmax and nested")
+        # Note: sizes from the data. Fields are normalised to Python ints (frozen dataclasses).
+        shape = self.shape
+        if not isinstance(shape, (tuple, list)) or not all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_)) for d in shape):
+            raise TypeError(f"shape {shape!r} must be a tuple of ints")
+        if not shape or any(d < 1 for d in shape):
+            raise ValueError(f"shape {tuple(shape)!r} must hold at least one size, each >= 1")
+        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
+        bs = self.blocksize
+        if isinstance(bs, (bool, np.bool_)) or not isinstance(bs, (int, np.integer)):
+            raise TypeError(f"blocksize must be an int, got {type(bs).__name__}")
+        if int(bs) not in BLOCKSIZES:
+            raise ValueError(f"blocksize {bs} is not allowed; use one of {BLOCKSIZES}")
+        object.__setattr__(self, "blocksize", int(bs))
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"unknown quant_type {self.quant_type!r}; expected one of {QUANT_TYPES}")
+        if self.nested is not None:
+            nbs = self.nested.blocksize
+            if isinstance(nbs, (bool, np.bool_)) or not isinstance(nbs, (int, np.integer)) or nbs <= 0:
+                raise ValueError(f"nested blocksize {nbs!r} must be a positive int")
 
     @property
     def numel(self) -> int:

@@ -1,6 +1,8 @@
 """The ``qlora-ref`` command line: one subcommand per module of this package.
 
-Each command module defines ``register(subparsers)``, which adds its parser and sets ``func``
+User errors (``ValueError``, ``TypeError``, and ``OSError`` such as a missing or unreadable
+file) and bad arguments print one line, ``qlora-ref COMMAND: error: ...``, and exit with status
+2; a traceback means a bug. Each command module defines ``register(subparsers)``, which adds its parser and sets ``func``
 to a callable taking the parsed arguments and returning an exit status. Every command runs
 with the oracle alone (NumPy and SciPy); implementations that need torch reach ``check``
 through the provider registry's plug-in point (``qlora_ref.conformance.providers``).
@@ -12,6 +14,7 @@ import argparse
 import sys
 
 from qlora_ref.cli import check, inspect, memory, report, vectors
+from qlora_ref.cli.args import ArgumentParser, one_line
 
 __all__ = ["build_parser", "main", "COMMANDS"]
 
@@ -21,7 +24,7 @@ COMMANDS = (report, memory, check, vectors, inspect)
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qlora-ref",
         description="QLoRA reference: the NumPy oracle, conformance checks, checkpoints and memory.",
     )
@@ -37,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"qlora-ref {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as exc:  # user errors (bad input, a file problem): no traceback
+        print(f"qlora-ref {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+from qlora_ref.cli.args import int_in
 from qlora_ref.conformance.implementations import resolve
 from qlora_ref.conformance.providers import PROVIDERS
 from qlora_ref.conformance.run import check_implementations, format_report
@@ -55,7 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--per-case", action="store_true", help="one row per case instead of per group")
     p.add_argument("--vectors", metavar="DIR", default=None, help="golden-vector folder (default: the shipped set)")
     p.add_argument("--no-vectors", action="store_true", help="skip the golden vectors")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--rounds", type=int, default=1, help="random inputs per quant type and dtype (default 1; 0 for none)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--rounds", type=int_in(0, 10000), default=1, help="random inputs per quant type and dtype (default 1; 0 for none)")
     p.add_argument("--no-time", action="store_true", help="leave the elapsed time out (for reproducible output)")
     p.set_defaults(func=_run)

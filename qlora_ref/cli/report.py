@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from qlora_ref.api import dequantize_4bit, quantize_4bit
+from qlora_ref.cli.args import int_in
 from qlora_ref.codebooks import nf4_codebook
 from qlora_ref.state import BLOCKSIZES
 from qlora_ref.text_table import format_table
@@ -68,6 +69,7 @@ def report(seed: int = 0, size: int = 1024) -> str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="print the NF4 codebook and a round-trip error table")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=1024, help="rows and columns of the test matrix")
+    p.add_argument("--seed", type=int_in(0), default=0)
+    p.add_argument("--size", type=int_in(1, 8192), default=1024,
+                   help="rows and columns of the test matrix (1 to 8192)")
     p.set_defaults(func=lambda args: print(report(args.seed, args.size)))

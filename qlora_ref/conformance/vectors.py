@@ -14,13 +14,17 @@ Note: golden-vector format (format_version 1)
     ``tags``, ``params`` and ``arrays``. Each array entry names its ``file`` (relative to the
     folder, ``<case>/<array>.bin``), ``dtype`` (``uint8``, ``int8``, ``float16``, ``bfloat16``,
     ``float32``, ``float64``), ``shape`` (row-major) and ``sha256`` of the file. A file holds
-    exactly ``prod(shape) * itemsize`` bytes, no header.
+    exactly ``prod(shape) * itemsize`` bytes, no header. The params and arrays each kind needs
+    are ``REQUIRED``; the reader checks that the arrays' sizes agree with the params (``n``,
+    ``shape``, ``n_blocks``, ``in_features``, ...) before a case is run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 
 import ml_dtypes
@@ -29,13 +33,15 @@ import numpy as np
 from qlora_ref.codebooks import codebook
 from qlora_ref.conformance.vector_cases import build_cases
 from qlora_ref.double_quant import dynamic_map
-from qlora_ref.state import NestedAbsmax, QuantState
+from qlora_ref.formats.safe_io import confined_file, read_confined_bytes, read_json_file, write_bytes_atomic
+from qlora_ref.state import BLOCKSIZES, INPUT_DTYPES, NESTED_BLOCKSIZES, QUANT_TYPES, NestedAbsmax, QuantState
 
 __all__ = [
     "FORMAT_VERSION",
     "SHIPPED_DIR",
     "ARRAY_DTYPES",
     "write_vectors",
+    "check_output_folder",
     "read_manifest",
     "load_array",
     "load_case",
@@ -55,6 +61,9 @@ ARRAY_DTYPES = {
     "float32": np.dtype(np.float32),
     "float64": np.dtype(np.float64),
 }
+#: Case kinds, and the arrays a manifest may hold at most (all files together).
+KINDS = ("quantize", "double_quant", "dequantize", "lora", "qlora")
+MAX_TOTAL_BYTES = 1 << 30
 
 
 def _dtype_name(dtype) -> str:
@@ -69,13 +78,48 @@ def _write_array(root: Path, relative: str, a: np.ndarray) -> dict:
     name = _dtype_name(a.dtype)
     data = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
     path = root / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    path.parent.mkdir(exist_ok=True)
+    if path.parent.is_symlink():  # never write through a link out of the folder
+        raise ValueError(f"{path.parent} is a symlink; refusing to write through it")
+    write_bytes_atomic(path, data)
     return {"file": relative, "dtype": name, "shape": [int(d) for d in a.shape],
             "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def write_vectors(out_dir, cases=None) -> dict:
+def check_output_folder(out_dir, *, force: bool = False) -> Path:
+    """Check that golden vectors may be written into ``out_dir``; return it as a Path.
+
+    A folder that is missing or empty may be written; a non-empty one only when it already holds
+    golden vectors (a regular ``manifest.json`` with our ``format_version``), or with ``force``.
+
+    Raises
+    ------
+    ValueError
+        If ``out_dir`` is empty, a symlink or a file, or a non-empty folder of something else.
+    """
+    if out_dir is None or str(out_dir) == "":
+        raise ValueError("--out: the folder name is empty")
+    root = Path(out_dir)
+    if root.is_symlink():
+        raise ValueError(f"--out: {root} is a symlink; refusing to write through it")
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out: {root} exists and is not a folder")
+    if force or not root.exists() or not any(root.iterdir()):
+        return root
+    manifest = root / "manifest.json"
+    ours = False
+    if manifest.is_file() and not manifest.is_symlink():
+        try:
+            ours = read_json_file(manifest).get("format_version") == FORMAT_VERSION
+        except (ValueError, AttributeError):
+            ours = False
+    if not ours:
+        raise ValueError(f"--out: {root} is not empty and holds no golden vectors (manifest.json of "
+                         f"format_version {FORMAT_VERSION}); choose an empty folder or pass --force")
+    return root
+
+
+def write_vectors(out_dir, cases=None, *, force: bool = False) -> dict:
     """Generate the golden vectors into ``out_dir``; return the manifest.
 
     Parameters
@@ -103,7 +147,7 @@ def write_vectors(out_dir, cases=None) -> dict:
     (1, ['absmax', 'absmax_dq', 'codes'])
     """
 
-    root = Path(out_dir)
+    root = check_output_folder(out_dir, force=force)
     root.mkdir(parents=True, exist_ok=True)
     cases = build_cases() if cases is None else cases
     tables = {
@@ -130,7 +174,7 @@ def write_vectors(out_dir, cases=None) -> dict:
         "cases": entries,
     }
     text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
-    (root / "manifest.json").write_text(text, encoding="utf-8")
+    write_bytes_atomic(root / "manifest.json", text.encode("utf-8"))
     return manifest
 
 
@@ -160,9 +204,9 @@ def read_manifest(root=None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no golden-vector manifest at {path}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a UTF-8 JSON manifest: {exc}") from None
+        manifest = read_json_file(path)
+    except ValueError as exc:
+        raise ValueError(f"not a UTF-8 JSON manifest: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ValueError(f"{path}: format_version {version!r}; this reader knows {FORMAT_VERSION}")
@@ -171,8 +215,134 @@ def read_manifest(root=None) -> dict:
             raise ValueError(f"{path}: the manifest lacks {key!r}")
     if manifest["byte_order"] != "little":
         raise ValueError(f"{path}: byte_order {manifest['byte_order']!r}; files are little-endian")
+    _check_manifest(path, manifest)
     manifest["root"] = str(root)
     return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_entry(where: str, entry) -> int:
+    """Validate one array entry's fields; return its size in bytes (exact, in Python ints)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: an array entry must be an object")
+    if not isinstance(entry.get("file"), str):
+        raise ValueError(f"{where}: 'file' must be a string")
+    if entry.get("dtype") not in ARRAY_DTYPES:
+        raise ValueError(f"{where}: unknown dtype {entry.get('dtype')!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"{where}: shape {shape!r} must be a list of ints >= 0")
+    if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+        raise ValueError(f"{where}: 'sha256' must be 64 lowercase hex digits")
+    return math.prod(shape) * ARRAY_DTYPES[entry["dtype"]].itemsize
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+#: Rules for the params a reader of the vectors uses (other params are descriptive).
+_PARAM_RULES = {
+    "blocksize": (lambda v: v in BLOCKSIZES and not isinstance(v, bool), f"one of {BLOCKSIZES}"),
+    "nested_blocksize": (lambda v: v in NESTED_BLOCKSIZES and not isinstance(v, bool), f"one of {NESTED_BLOCKSIZES}"),
+    "quant_type": (lambda v: v in QUANT_TYPES, f"one of {QUANT_TYPES}"),
+    "dtype": (lambda v: v in ARRAY_DTYPES, f"one of {sorted(ARRAY_DTYPES)}"),
+    "weight_dtype": (lambda v: v in INPUT_DTYPES, f"one of {sorted(INPUT_DTYPES)}"),
+    "compute_dtype": (lambda v: v in INPUT_DTYPES, f"one of {sorted(INPUT_DTYPES)}"),
+    "shape": (lambda v: isinstance(v, list) and bool(v) and all(_positive(d) for d in v), "a list of ints >= 1"),
+    "n": (_positive, "an int >= 1"), "n_blocks": (_positive, "an int >= 1"),
+    "in_features": (_positive, "an int >= 1"), "out_features": (_positive, "an int >= 1"), "r": (_positive, "an int >= 1"),
+    "alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
+    "scaling": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
+    "dropout_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "in [0, 1)"),
+    "double_quant": (lambda v: isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "budgets": (lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      for x in v.values()), "an object of numbers"),
+    "nested_offset": (lambda v: isinstance(v, dict) and isinstance(v.get("value"), (int, float))
+                      and not isinstance(v.get("value"), bool) and math.isfinite(v["value"]), "{'value': number}"),
+}
+
+
+#: The params and arrays each case kind must hold (what ``qlora-ref check`` reads).
+REQUIRED = {
+    "quantize": (("blocksize", "double_quant", "dtype", "n_blocks", "quant_type", "shape"),
+                 ("absmax", "codes", "decoded", "input", "packed")),
+    "double_quant": (("n", "nested_blocksize", "nested_offset"), ("absmax_dq", "input", "nested_absmax", "nested_codes")),
+    "dequantize": (("blocksize", "dtype", "n_blocks", "quant_type", "shape"), ("absmax", "decoded", "packed")),
+    "lora": (("alpha", "budgets", "dropout_p", "dtype", "in_features", "out_features", "r", "scaling", "use_rslora"),
+             ("A", "B", "W", "grad_A", "grad_B", "grad_x", "grad_y", "x", "y")),
+    "qlora": (("alpha", "blocksize", "budgets", "compute_dtype", "dropout_p", "dtype", "in_features", "n_blocks",
+               "nested_blocksize", "nested_offset", "out_features", "quant_type", "r", "scaling", "shape",
+               "use_rslora", "weight_dtype"),
+              ("A", "B", "W_c", "grad_A", "grad_B", "grad_x", "grad_y", "nested_absmax", "nested_codes", "packed",
+               "x", "y")),
+}
+
+
+def _size(entry: dict) -> int:
+    return math.prod(entry["shape"])
+
+
+def _check_sizes(where: str, kind: str, p: dict, arrays: dict) -> None:
+    """The arrays' element counts agree with the params: sizes come from the data."""
+    expected = {}
+    if kind in ("quantize", "dequantize", "qlora"):
+        n = math.prod(p["shape"])
+        if -(-n // p["blocksize"]) != p["n_blocks"]:
+            raise ValueError(f"{where}: n_blocks {p['n_blocks']} disagrees with shape {p['shape']} in blocks of "
+                             f"{p['blocksize']}")
+        expected.update(packed=(n + 1) // 2, input=n, decoded=n, codes=n, absmax=p["n_blocks"],
+                        nested_codes=p["n_blocks"])
+    if kind == "double_quant":
+        expected.update(input=p["n"], absmax_dq=p["n"], nested_codes=p["n"])
+    if kind in ("lora", "qlora"):
+        r, n_in, n_out = p["r"], p["in_features"], p["out_features"]
+        expected.update(A=r * n_in, B=n_out * r, W=n_out * n_in, W_c=n_out * n_in, grad_A=r * n_in, grad_B=n_out * r)
+        if kind == "qlora" and list(p["shape"]) != [n_out, n_in]:
+            raise ValueError(f"{where}: shape {p['shape']} is not [out_features, in_features]")
+    for key, n in expected.items():
+        if key in arrays and _size(arrays[key]) != n:
+            raise ValueError(f"{where}: array {key!r} has {_size(arrays[key])} elements, the params need {n}")
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """Validate the manifest's structure: every field a reader uses has the right type and range,
+    every file name stays inside the folder, and the files hold at most ``MAX_TOTAL_BYTES``."""
+    tables, cases = manifest["tables"], manifest["cases"]
+    if not isinstance(tables, dict) or not isinstance(cases, list):
+        raise ValueError(f"{path}: 'tables' must be an object and 'cases' a list")
+    total = 0
+    for name, entry in tables.items():
+        total += _check_entry(f"{path}: table {name!r}", entry)
+    names = set()
+    for i, case in enumerate(cases):
+        if not isinstance(case, dict):
+            raise ValueError(f"{path}: case {i} is not an object")
+        name = case.get("name")
+        where = f"{path}: case {name!r}" if isinstance(name, str) else f"{path}: case {i}"
+        if not isinstance(name, str) or name in names:
+            raise ValueError(f"{where}: 'name' must be a unique string")
+        names.add(name)
+        if case.get("kind") not in KINDS:
+            raise ValueError(f"{where}: 'kind' {case.get('kind')!r} is not one of {KINDS}")
+        params, arrays = case.get("params"), case.get("arrays")
+        if not isinstance(params, dict) or not isinstance(arrays, dict):
+            raise ValueError(f"{where}: 'params' and 'arrays' must be objects")
+        need_params, need_arrays = REQUIRED[case["kind"]]
+        missing = [k for k in need_params if k not in params] + [k for k in need_arrays if k not in arrays]
+        if missing:
+            raise ValueError(f"{where}: a {case['kind']} case needs {missing}")
+        for key, (ok, rule) in _PARAM_RULES.items():
+            if key in params and not ok(params[key]):
+                raise ValueError(f"{where}: params[{key!r}] = {params[key]!r} must be {rule}")
+        for key, entry in arrays.items():
+            total += _check_entry(f"{where}: array {key!r}", entry)
+        _check_sizes(where, case["kind"], params, arrays)
+    if total > MAX_TOTAL_BYTES:
+        raise ValueError(f"{path}: the arrays would hold {total} bytes, more than the {MAX_TOTAL_BYTES} allowed")
 
 
 def load_array(root, entry: dict) -> np.ndarray:
@@ -189,14 +359,15 @@ def load_array(root, entry: dict) -> np.ndarray:
     >>> load_array(m["root"], m["tables"]["nf4"])[15]
     np.float32(1.0)
     """
-    if entry.get("dtype") not in ARRAY_DTYPES:
-        raise ValueError(f"{entry.get('file')}: unknown dtype {entry.get('dtype')!r}")
+    where = f"{Path(root) / 'manifest.json'}: {entry.get('file') if isinstance(entry, dict) else entry!r}"
+    expected = _check_entry(where, entry)
     dtype = ARRAY_DTYPES[entry["dtype"]]
-    shape = tuple(int(d) for d in entry["shape"])
-    data = (Path(root) / entry["file"]).read_bytes()
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected:
-        raise ValueError(f"{entry['file']}: {len(data)} bytes, but {entry['dtype']} {list(shape)} needs {expected}")
+    shape = tuple(entry["shape"])
+    # Inside the folder, a regular file, of the right size by stat before a byte is read.
+    path, size = confined_file(root, entry["file"], what=f"{Path(root) / 'manifest.json'}: file")
+    if size != expected:
+        raise ValueError(f"{entry['file']}: {size} bytes, but {entry['dtype']} {list(shape)} needs {expected}")
+    data = read_confined_bytes(root, entry["file"], expected_size=expected, what=where)
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ValueError(f"{entry['file']}: SHA-256 does not match the manifest")
     return np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)

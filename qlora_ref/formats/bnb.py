@@ -27,13 +27,15 @@ Note: bnb state-dict layout
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 import numpy as np
 
 from qlora_ref.blockwise import check_packed
 from qlora_ref.codebooks import codebook
-from qlora_ref.state import BLOCKSIZES, INPUT_DTYPES, NestedAbsmax, QuantState
+from qlora_ref.formats.safe_io import load_json
+from qlora_ref.state import BLOCKSIZES, INPUT_DTYPES, NESTED_BLOCKSIZES, NestedAbsmax, QuantState
 
 __all__ = [
     "to_bnb_state_dict",
@@ -170,9 +172,9 @@ def _read_json(d: Mapping) -> tuple[str, dict]:
     if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 1:
         raise ValueError(f"{key!r} must be a 1-D uint8 array of UTF-8 JSON")
     try:
-        meta = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{key!r} is not UTF-8 JSON: {exc}") from None
+        meta = load_json(raw.tobytes(), f"{key!r}")
+    except ValueError as exc:
+        raise ValueError(f"{key!r} is not UTF-8 JSON: {str(exc).partition(': ')[2]}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{key!r} must hold a JSON object, got {type(meta).__name__}")
     return key, meta
@@ -205,6 +207,9 @@ def _check_meta(key: str, meta: dict) -> bool:
     nbs = meta["nested_blocksize"]
     if isinstance(nbs, bool) or not isinstance(nbs, int) or nbs <= 0:
         raise ValueError(f"{key!r}: nested_blocksize {nbs!r} must be a positive int")
+    if nbs not in NESTED_BLOCKSIZES:
+        raise ValueError(f"{key!r}: nested_blocksize {nbs} is not one of {NESTED_BLOCKSIZES} "
+                         f"(bitsandbytes writes 256)")
     if meta["nested_dtype"] != "float32":
         raise ValueError(f"{key!r}: nested_dtype {meta['nested_dtype']!r} is not 'float32'")
     off = meta["nested_offset"]
@@ -215,7 +220,7 @@ def _check_meta(key: str, meta: dict) -> bool:
     return True
 
 
-def from_bnb_state_dict(d: Mapping) -> tuple[np.ndarray, QuantState]:
+def from_bnb_state_dict(d: Mapping, *, copy: bool = True) -> tuple[np.ndarray, QuantState]:
     """Read one layer's bitsandbytes state-dict entries back into packed codes and a state.
 
     Parameters
@@ -225,6 +230,9 @@ def from_bnb_state_dict(d: Mapping) -> tuple[np.ndarray, QuantState]:
         ``weight`` (such as ``bias``) are ignored; any other ``weight.*`` key is an error.
         ``weight`` may use another storage dtype (bitsandbytes' ``quant_storage``): its bytes
         are read as uint8.
+    copy : bool
+        Copy the arrays (default). ``False`` keeps views of ``d``'s arrays, so a memory-mapped
+        checkpoint is not read until it is decoded (``qlora_ref.formats.checkpoint``).
 
     Returns
     -------
@@ -265,7 +273,7 @@ def from_bnb_state_dict(d: Mapping) -> tuple[np.ndarray, QuantState]:
 
     quant_type, blocksize = meta["quant_type"], meta["blocksize"]
     shape = tuple(meta["shape"])
-    numel = int(np.prod(shape, dtype=np.int64))
+    numel = math.prod(shape)  # exact: a product beyond int64 cannot wrap round to a small size
     n_blocks = -(-numel // blocksize)
     packed_nbytes = (numel + 1) // 2
 
@@ -279,7 +287,12 @@ def from_bnb_state_dict(d: Mapping) -> tuple[np.ndarray, QuantState]:
             f"'weight' has shape {w.shape} and {w.nbytes} bytes, but shape {list(shape)} in {key!r} "
             f"needs ({packed_nbytes}, 1) bytes of packed codes"
         )
-    packed = np.ascontiguousarray(w).view(np.uint8).reshape(packed_nbytes, 1).copy()
+    packed = np.ascontiguousarray(w).view(np.uint8).reshape(packed_nbytes, 1)
+    if copy:
+        packed = packed.copy()
+
+    def own(a: np.ndarray) -> np.ndarray:
+        return a.copy() if copy else a
 
     table = _array(d, "weight.quant_map", np.float32, (16,))
     expected = codebook(quant_type)
@@ -287,12 +300,12 @@ def from_bnb_state_dict(d: Mapping) -> tuple[np.ndarray, QuantState]:
         raise ValueError(f"'weight.quant_map' is not bitsandbytes' {quant_type} codebook")
 
     common = dict(shape=shape, dtype=meta["dtype"], blocksize=blocksize, quant_type=quant_type,
-                  code=table.copy())
+                  code=own(table))
     if not nested:
         absmax = _array(d, "weight.absmax", np.float32, (n_blocks,))
         if not (np.all(np.isfinite(absmax)) and np.all(absmax >= 0)):
             raise ValueError("'weight.absmax' holds negative, NaN or Inf values")
-        return packed, QuantState(**common, absmax=absmax.copy())
+        return packed, QuantState(**common, absmax=own(absmax))
 
     nbs = meta["nested_blocksize"]
     nested_absmax = _array(d, "weight.nested_absmax", np.float32, (-(-n_blocks // nbs),))
@@ -303,7 +316,7 @@ def from_bnb_state_dict(d: Mapping) -> tuple[np.ndarray, QuantState]:
         raise ValueError("'weight.nested_quant_map' holds NaN or Inf values")
     codes = _array(d, "weight.absmax", np.uint8, (n_blocks,))
     state = QuantState(**common, nested=NestedAbsmax(
-        scheme="bnb", codes=codes.copy(), absmax=nested_absmax.copy(), code=nested_map.copy(),
+        scheme="bnb", codes=own(codes), absmax=own(nested_absmax), code=own(nested_map),
         offset=np.float32(meta["nested_offset"]), blocksize=nbs,
     ))
     return packed, state

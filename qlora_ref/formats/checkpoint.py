@@ -11,25 +11,36 @@ writing go through the ``safetensors`` library's NumPy API (bfloat16 arrives as
 checkpoint) and ``qlora-ref inspect``.
 
 Note: hostile files
-    Every problem is a ``ValueError`` that names the file, the tensor and what is wrong: a file
-    the safetensors library refuses (truncated, header entries whose shape, dtype and offsets
-    disagree; the header is then read once more only to name the offending tensor), a dtype the
-    reader cannot represent, 4-bit entries without their quant_state JSON, and everything
-    ``from_bnb_state_dict`` checks (missing keys, JSON that disagrees with the arrays, absmax of
-    the wrong length, an unknown quant type, a packed size that does not match the shape).
-    bitsandbytes' CPU repacking hazard (docs/formats.md, section 5.3: a ``state_dict()`` taken after
-    an eval forward on an AVX-512-BF16 CPU re-quantizes the absmax through bfloat16 and writes
-    ``nested_dtype "bfloat16"``) is refused with that explanation.
+    Every problem is a ``ValueError`` that names the file, the tensor and what is wrong: a header
+    that is not a JSON object or whose entries are malformed (``read_header``: shape, dtype and
+    offsets that disagree, overlap, leave gaps or run past the end; a file the safetensors
+    library refuses is refused too), a dtype the reader cannot represent, 4-bit entries without
+    their quant_state JSON, and everything ``from_bnb_state_dict`` checks (missing keys, JSON
+    that disagrees with the arrays, absmax of the wrong length, an unknown quant type or nested
+    block size, a packed size that does not match the shape, computed exactly in Python ints).
+    bitsandbytes' CPU repacking hazard (docs/formats.md, section 5.3: a ``state_dict()`` taken after an
+    eval forward on an AVX-512-BF16 CPU re-quantizes the absmax through bfloat16 and writes
+    ``nested_dtype "bfloat16"``) is refused with that explanation. A sharded index may only name
+    regular files inside its folder (Note: hostile paths in ``qlora_ref.formats.safe_io``).
+
+Note: streaming reads
+    A file is opened by reading its 8-byte length and its header only (the data size comes from
+    ``stat``); each tensor is then a read-only NumPy array over a memory map of the file, so
+    listing the layers of a checkpoint (``qlora-ref inspect``) reads the small arrays it checks
+    (absmax, maps, JSON) and never the packed weights. Decoding a layer reads its bytes then.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors' NumPy API needs)
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -41,9 +52,11 @@ from qlora_ref.formats.bnb import (
     from_bnb_state_dict,
     to_bnb_state_dict,
 )
+from qlora_ref.formats.safe_io import confined_file, load_json, read_json_file
 from qlora_ref.state import QuantState
 
-__all__ = ["Layer4bit", "Checkpoint", "read_checkpoint", "write_checkpoint", "checkpoint_files", "SAFETENSORS_DTYPES"]
+__all__ = ["Layer4bit", "Checkpoint", "read_checkpoint", "read_header", "read_safetensors", "write_checkpoint",
+           "checkpoint_files", "SAFETENSORS_DTYPES"]
 
 #: safetensors dtype names this reader turns into NumPy arrays (itemsize in bytes).
 SAFETENSORS_DTYPES = {
@@ -103,7 +116,8 @@ class Checkpoint:
         The safetensors files read (several for a sharded folder).
     layers : dict of str to Layer4bit
     tensors : dict of str to ndarray
-        Every tensor that is not part of a 4-bit weight (biases, norms, embeddings).
+        Every tensor that is not part of a 4-bit weight (biases, norms, embeddings): read-only
+        arrays mapped from the file (Note: streaming reads).
     metadata : dict of str to str
         The ``__metadata__`` of the (first) file.
     """
@@ -142,8 +156,9 @@ def checkpoint_files(path) -> list:
     FileNotFoundError
         If there is no such file or folder, or the folder holds no checkpoint.
     ValueError
-        If the index is not valid JSON with a ``weight_map``, or a folder holds several files
-        and no index.
+        If the index is not valid JSON with a ``weight_map`` of file names, names a shard
+        outside the folder, through a symlink or that is not a regular file (Note: hostile
+        paths in ``qlora_ref.formats.safe_io``), or a folder holds several files and no index.
     """
     path = Path(path)
     if path.is_file():
@@ -152,12 +167,20 @@ def checkpoint_files(path) -> list:
         raise FileNotFoundError(f"no checkpoint at {path}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
-        return [path / name for name in names]
+        content = read_json_file(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: not a safetensors index: no 'weight_map' object")
+        for key, name in weight_map.items():
+            if not isinstance(name, str):
+                raise ValueError(f"{index}: weight_map[{key!r}] is {name!r}, not a file name")
+        # The Hugging Face cache links each file of a snapshot into one blobs folder.
+        blobs = index.resolve().parent if index.is_symlink() else None
+        files = []
+        for name in sorted(set(weight_map.values())):
+            shard, _ = confined_file(path, name, what=f"{index}: shard", links_into=blobs)
+            files.append(shard)
+        return files
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     found = sorted(p for p in path.glob("*.safetensors") if p.name != "adapter_model.safetensors")
@@ -168,61 +191,148 @@ def checkpoint_files(path) -> list:
     raise ValueError(f"{path}: {len(found)} safetensors files and no model.safetensors.index.json")
 
 
-def _diagnose_header(path: Path) -> str:
-    """Name what is wrong in a header the safetensors library refused (for the message only)."""
-    data = path.read_bytes()
-    if len(data) < 8:
-        return f"the file has {len(data)} bytes, fewer than the 8 of the header length"
-    (n,) = struct.unpack("<Q", data[:8])
-    if 8 + n > len(data):
-        return f"the header claims {n} bytes but the file holds {len(data) - 8} after the length"
-    try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"the header is not JSON ({exc})"
-    body = len(data) - 8 - n
-    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)),
-                     key=lambda kv: tuple(kv[1].get("data_offsets") or (0, 0)))
-    for key, entry in entries:
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
-            continue
-        try:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype]
-            start, end = (int(o) for o in offsets)
-        except (TypeError, ValueError):
-            return f"tensor {key!r}: malformed shape {shape!r} or data_offsets {offsets!r}"
-        if end - start != nbytes:
-            return (f"tensor {key!r}: {dtype} of shape {list(shape)} needs {nbytes} bytes, but its data_offsets "
-                    f"[{start}, {end}] hold {end - start}")
-        if end > body:
-            return f"tensor {key!r}: data ends at byte {end} but the file holds {body} bytes of data (truncated?)"
-    ends = [int(v["data_offsets"][1]) for _, v in entries if isinstance(v.get("data_offsets"), list)]
-    if ends and max(ends) < body:
-        return f"the file holds {body - max(ends)} bytes after the last tensor"
-    return "the safetensors library refused the header"
+#: Largest header the reader parses (the safetensors library's own limit).
+MAX_HEADER_BYTES = 100_000_000
 
 
-def read_safetensors(path: Path) -> tuple[dict, dict]:
-    """Read one safetensors file as ``(tensors, metadata)``: NumPy arrays by key, and its string metadata.
+def _check_entry(key, entry) -> tuple[str, tuple, int, int]:
+    """Validate one header entry; return ``(dtype, shape, start, end)`` or a message (ValueError)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"tensor {key!r}: the header entry is a {type(entry).__name__}, not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise ValueError(f"tensor {key!r}: dtype {dtype!r} is not a string")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"tensor {key!r}: malformed shape {shape!r} (a list of ints >= 0)")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise ValueError(f"tensor {key!r}: malformed data_offsets {offsets!r} (two ints >= 0)")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {key!r} has dtype {dtype}, which this reader does not support")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype]  # exact: Python ints do not wrap
+    start, end = offsets
+    if end - start != nbytes:
+        raise ValueError(f"tensor {key!r}: {dtype} of shape {list(shape)} needs {nbytes} bytes, but its "
+                         f"data_offsets [{start}, {end}] hold {end - start}")
+    return dtype, tuple(shape), start, end
+
+
+def read_header(path) -> tuple[dict, dict, int]:
+    """Read and validate a safetensors file's header without reading its tensors.
+
+    Only ``8 + header length`` bytes are read; the data size comes from ``stat``.
+
+    Returns
+    -------
+    metadata : dict of str to str
+    entries : dict of str to (dtype name, shape, start, end)
+        Offsets relative to the data, which starts at byte ``data_start``.
+    data_start : int
 
     Raises
     ------
     ValueError
-        If the file is not a valid safetensors container (the reason names the file).
+        Naming the file and what is wrong: fewer than 8 bytes, a header length beyond the file
+        or the limit, a header that is not a JSON object, an entry whose dtype, shape and
+        offsets are malformed or disagree, tensors that overlap, leave gaps, or end beyond (or
+        before) the end of the file.
     """
+    path = Path(path)
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot stat the file ({exc.strerror})") from None
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path}: not a regular file")
+
+    def bad(problem):
+        return ValueError(f"{path}: not a valid safetensors file: {problem}")
+
+    with open(path, "rb") as f:
+        if size < 8:
+            raise bad(f"the file has {size} bytes, fewer than the 8 of the header length")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise bad(f"the header claims {n} bytes, more than the {MAX_HEADER_BYTES} allowed")
+        if 8 + n > size:
+            raise bad(f"the header claims {n} bytes but the file holds {size - 8} after the length")
+        raw = f.read(n)
+    if not raw.startswith(b"{"):
+        raise bad("the header does not start with '{' (it must be a JSON object)")
+    try:
+        header = load_json(raw, "the header")
+    except ValueError as exc:
+        raise bad(f"{exc}") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ must be an object of strings")
+    entries = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            entries[key] = _check_entry(key, entry)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+    body = size - 8 - n
+    position = 0
+    for key, (dtype, shape, start, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if start != position:
+            raise bad(f"tensor {key!r}: data starts at byte {start}, but the previous tensor ends at {position} "
+                      f"(tensors must be contiguous, without overlap)")
+        if end > body:
+            raise bad(f"tensor {key!r}: data ends at byte {end} but the file holds {body} bytes of data (truncated?)")
+        position = end
+    if position != body:
+        raise bad(f"the file holds {body - position} bytes after the last tensor")
+    return dict(metadata), entries, 8 + n
+
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    """Read one safetensors file as ``(metadata, tensors)``: its string metadata, and read-only
+    NumPy arrays by key, mapped over the file and read on use (see Note: streaming reads).
+
+    The header is validated here (``read_header``) and again by the safetensors library, so a
+    file either reader refuses is refused; no tensor is copied.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a valid safetensors container (the reason names the file and tensor).
+    """
+    path = Path(path)
+    metadata, entries, data_start = read_header(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {}
-            for key in f.keys():
-                dtype = f.get_slice(key).get_dtype()
-                if dtype not in SAFETENSORS_DTYPES:
-                    raise ValueError(f"{path}: tensor {key!r} has dtype {dtype}, which this reader does not support")
-                tensors[key] = f.get_tensor(key)
+            list(f.keys())
     except SafetensorError as exc:
-        raise ValueError(f"{path}: not a valid safetensors file: {_diagnose_header(path)} ({exc})") from None
+        raise ValueError(f"{path}: not a valid safetensors file: the safetensors library refused it ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the file ({exc})") from None
+    size = os.stat(path).st_size
+    mapped = None
+    if size > data_start:
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the fd
+    tensors = {}
+    for key, (dtype, shape, start, end) in entries.items():
+        np_dtype = _numpy_dtype(dtype)
+        if end == start:
+            tensors[key] = np.empty(shape, dtype=np_dtype)
+        else:
+            flat = np.frombuffer(mapped, dtype=np.uint8, count=end - start, offset=data_start + start)
+            tensors[key] = flat.view(np_dtype).reshape(shape)  # read-only, read from the file on use
     return metadata, tensors
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name == "BF16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({"BOOL": "?", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "F16": "<f2", "U32": "<u4",
+                     "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}[name])
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -313,7 +423,7 @@ def read_checkpoint(path) -> Checkpoint:
     for name, entries in sorted(groups.items()):
         full = (lambda rel: f"{name}.{rel}") if name else (lambda rel: rel)
         try:
-            packed, state = from_bnb_state_dict(entries)
+            packed, state = from_bnb_state_dict(entries, copy=False)  # stays a view of the file
         except (ValueError, TypeError) as exc:
             message = str(exc).replace("'weight", f"'{name}.weight") if name else str(exc)
             if "nested_dtype 'bfloat16'" in message:
@@ -369,4 +479,11 @@ def write_checkpoint(path, layers, tensors=None, *, metadata=None) -> None:
         if key in out:
             raise ValueError(f"key {key!r} is both a 4-bit entry and a plain tensor")
         out[key] = np.ascontiguousarray(a)
-    save_file(out, str(path), metadata={"format": "pt"} if metadata is None else dict(metadata))
+    # A temporary file beside the target, renamed over it: a failed write leaves no half file.
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(out, str(tmp), metadata={"format": "pt"} if metadata is None else dict(metadata))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -19,7 +19,6 @@ Note: adapter scaling
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,14 @@ import numpy as np
 
 from qlora_ref.dora import dora_forward, dora_merge
 from qlora_ref.formats.checkpoint import Checkpoint, read_safetensors
+from qlora_ref.formats.safe_io import read_json_file
 from qlora_ref.lora import lora_forward, lora_merge, lora_scaling
 from qlora_ref.qlora import qlora_base_weight
+
+try:  # the standard library's regex parser (public as sre_parse before Python 3.11)
+    import re._parser as sre_parse
+except ImportError:  # pragma: no cover  (Python 3.10)
+    import sre_parse
 
 __all__ = ["LoraLayer", "Adapter", "read_adapter", "match_adapter", "adapter_forward", "merged_weight"]
 
@@ -78,9 +83,85 @@ class Adapter:
     layers: dict
 
 
-def _pattern_value(patterns: dict, module: str, default):
+#: Longest ``rank_pattern`` / ``alpha_pattern`` key, and most unbounded repeats (``*``, ``+``,
+#: ``{n,}``) in one; see Note: bounded patterns.
+MAX_PATTERN_CHARS = 512
+MAX_PATTERN_REPEATS = 2
+#: Longest module name a pattern is matched against.
+MAX_MODULE_CHARS = 1024
+
+
+def _check_pattern_tree(items, where: str, inside_repeat: bool, repeats: list) -> None:
+    for op, av in items:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, sub = av
+            if inside_repeat:
+                raise ValueError(f"{where}: a repeat inside a repeat (nested quantifiers) can take "
+                                 f"exponential time; refused")
+            if high == sre_parse.MAXREPEAT or high > 64:
+                repeats.append(1)
+            _check_pattern_tree(sub, where, True, repeats)
+        elif name == "BRANCH":
+            if inside_repeat:
+                raise ValueError(f"{where}: an alternation inside a repeat can take exponential time; refused")
+            for sub in av[1]:
+                _check_pattern_tree(sub, where, inside_repeat, repeats)
+        elif name == "SUBPATTERN":
+            _check_pattern_tree(av[-1], where, inside_repeat, repeats)
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            _check_pattern_tree(av[1], where, inside_repeat, repeats)
+        elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+            raise ValueError(f"{where}: back-references are refused (they can take exponential time)")
+
+
+def check_pattern(pattern, where: str) -> re.Pattern:
+    r"""Compile a ``rank_pattern`` / ``alpha_pattern`` key, refusing patterns that can hang.
+
+    Raises
+    ------
+    TypeError
+        If ``pattern`` is not a string.
+    ValueError
+        If it is not a valid regular expression, is longer than ``MAX_PATTERN_CHARS``, nests a
+        repeat or an alternation inside a repeat, uses a back-reference, or has more than
+        ``MAX_PATTERN_REPEATS`` unbounded repeats (see Note: bounded patterns).
+
+    Examples
+    --------
+    >>> check_pattern(r"layers\.0\..*_proj", "config").fullmatch("layers.0.q_proj") is not None
+    True
+    >>> check_pattern("(.|.)*x", "config")
+    Traceback (most recent call last):
+    ...
+    ValueError: config: pattern '(.|.)*x': an alternation inside a repeat can take exponential time; refused
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"{where}: pattern {pattern!r} must be a string")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"{where}: pattern of {len(pattern)} characters; at most {MAX_PATTERN_CHARS} are read")
+    label = f"{where}: pattern {pattern!r}"
+    try:
+        compiled = re.compile(pattern)
+        tree = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ValueError(f"{label} is not a valid regular expression ({exc})") from None
+    repeats: list = []
+    _check_pattern_tree(tree, label, False, repeats)
+    if len(repeats) > MAX_PATTERN_REPEATS:
+        raise ValueError(f"{label}: {len(repeats)} unbounded repeats; at most {MAX_PATTERN_REPEATS} are allowed")
+    return compiled
+
+
+def _pattern_value(patterns: dict, module: str, default, where: str = "pattern"):
+    r"""PEFT's rule ``re.match(rf"(.*\.)?({pattern})$", module)``, run as a full match of each
+    dot-separated suffix of ``module``, so the ``(.*\.)?`` prefix adds no backtracking."""
+    if len(module) > MAX_MODULE_CHARS:
+        raise ValueError(f"{where}: module name of {len(module)} characters; at most {MAX_MODULE_CHARS}")
+    suffixes = [module] + [module[i + 1:] for i, ch in enumerate(module) if ch == "."]
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        compiled = check_pattern(pattern, where)
+        if any(compiled.fullmatch(s) for s in suffixes):
             return value
     return default
 
@@ -99,6 +180,10 @@ def _check_config(path: Path, config) -> dict:
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key) is not None and not isinstance(config[key], dict):
             raise ValueError(f"{path}: adapter_config.json field {key!r} must be an object")
+        for pattern, value in (config.get(key) or {}).items():
+            check_pattern(pattern, f"{path}: {key}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{path}: {key} value {value!r} for {pattern!r} must be a number >= 0")
     return config
 
 
@@ -144,11 +229,7 @@ def read_adapter(path) -> Adapter:
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{path}: no {p.name}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config_path}: not JSON ({exc})") from None
-    config = _check_config(config_path, config)
+    config = _check_config(config_path, read_json_file(config_path))
     _, tensors = read_safetensors(weights_path)
     parts: dict = {}
     for key, a in tensors.items():
@@ -180,10 +261,10 @@ def _layer(path, config, module, roles) -> LoraLayer:
     r = A.shape[0]
     if B.shape[1] != r:
         raise ValueError(f"{path}: tensor {key_b!r} has shape {B.shape}, but {key_a!r} {A.shape} needs ({B.shape[0]}, {r})")
-    r_config = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    r_config = _pattern_value(config.get("rank_pattern"), module, config["r"], f"{path}: rank_pattern")
     if r_config != r:
         raise ValueError(f"{path}: tensor {key_a!r} has rank {r}, but adapter_config.json gives r = {r_config} for {module!r}")
-    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"], f"{path}: alpha_pattern"))
     scaling = lora_scaling(alpha, r, rslora=bool(config.get("use_rslora", False)))
     magnitude = None
     if "magnitude" in roles:
