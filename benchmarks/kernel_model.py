@@ -64,7 +64,8 @@ def bytes_per_item(row: dict) -> float:
     blocks when double quantized, one float32 per block otherwise), the output. Quantize: the
     input, ``0.5`` packed, one float32 absmax per block. Double quantization, per absmax value:
     read 4, write 1 code and 4 per 256. Product: the packed weight and absmax as decode reads
-    them, plus ``x`` and ``y`` once (``itemsize * M * (K + N) / (N * K)``).
+    them, plus ``x`` and ``y`` once (``itemsize * M * (K + N) / (N * K)``). Split-K reduction,
+    per output: ``4 * SPLIT_K`` read, the output written.
 
     Examples
     --------
@@ -80,6 +81,8 @@ def bytes_per_item(row: dict) -> float:
         return size + 0.5 + 4 / bs
     if row["kind"] == "double_quantize":
         return 4 + 1 + 4 / 256
+    if row["kind"] == "splitk_reduce":  # per output: the float32 partials read, the result written
+        return 4 * row["constexprs"]["SPLIT_K"] + size
     N, K = row["shape"]
     return 0.5 + absmax + size * row["rows"] * (K + N) / (N * K)
 

@@ -83,6 +83,7 @@ KERNELS = {
     "quantize_4bit_kernel": "qlora_gpu.triton_quantize",
     "double_quantize_kernel": "qlora_gpu.triton_quantize",
     "matmul_4bit_kernel": "qlora_gpu.triton_matmul",
+    "splitk_reduce_kernel": "qlora_gpu.triton_matmul",
 }
 #: The weight every case is shaped as (4096x14336: a Llama-3-8B MLP projection), NF4, block 64.
 SHAPE = (4096, 14336)
@@ -136,6 +137,7 @@ class Case:
         flat = torch.empty((n + 1) // 2, dtype=torch.uint8, device=meta)
         if self.kind == "decode":
             return dequantize_4bit_triton(flat, state, dtype)
+        # matmul, splitk_reduce: the product's wrapper (which launches the reduction after a split)
         x = torch.empty((p["rows"], K), dtype=dtype, device=meta)
         config = MatmulConfig(*p["config"]) if "config" in p else None
         return matmul_4bit_triton(x, flat, state, config=config)
@@ -153,7 +155,8 @@ def cases(full: bool = False) -> list:
         Case("decode nf4 b64 dq -> bfloat16", "decode", (("dtype", "bfloat16"),), True),
         Case("quantize bfloat16 b64", "quantize", (("dtype", "bfloat16"),), True),
         Case("double_quantize 256", "double_quantize", (), True),
-    ] + [Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16")), True) for m in (1, 4, 16)]
+    ] + [Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16")), True) for m in (1, 4, 16)] + [
+        Case("split-K reduce M=16 bfloat16", "splitk_reduce", (("rows", 16), ("dtype", "bfloat16")), True)]
     if not full:
         return dflt
 
@@ -173,10 +176,10 @@ def cases(full: bool = False) -> list:
     for m in (1, 16):
         for dt in ("float16", "float32"):
             more.append(Case(f"matmul M={m} {dt}", "matmul", (("rows", m), ("dtype", dt))))
-    for m in (1, 16):
-        for cfg in CONFIGS:
-            more.append(Case(f"matmul M={m} bfloat16 sweep {tuple(cfg)}", "matmul",
-                             (("rows", m), ("dtype", "bfloat16"), ("config", tuple(cfg)))))
+    for cfg in CONFIGS:  # CUDA cores take one row, tensor cores any other count
+        m = 16 if cfg[3] else 1
+        more.append(Case(f"matmul M={m} bfloat16 sweep {tuple(cfg)}", "matmul",
+                         (("rows", m), ("dtype", "bfloat16"), ("config", tuple(cfg)))))
     return dflt + more
 
 
@@ -347,11 +350,14 @@ def _per_thread_items(kind: str, constexprs: dict, num_warps: int) -> int:
         return constexprs["ROWS"] * constexprs["BLOCKSIZE"] / threads
     if kind == "double_quantize":
         return constexprs["NESTED"] / threads
+    if kind == "splitk_reduce":
+        return constexprs["BLOCK"] / threads
     return constexprs["BLOCK_N"] * constexprs["BLOCK_K"] / threads
 
 
 _KIND_OF = {"dequantize_4bit_kernel": "decode", "quantize_4bit_kernel": "quantize",
-            "double_quantize_kernel": "double_quantize", "matmul_4bit_kernel": "matmul"}
+            "double_quantize_kernel": "double_quantize", "matmul_4bit_kernel": "matmul",
+            "splitk_reduce_kernel": "splitk_reduce"}
 
 
 def report_case(case: Case, archs=ARCHS) -> list:

@@ -36,6 +36,8 @@ def _constexprs(r: dict) -> str:
         keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "USE_DOT")
     elif r["kind"] == "double_quantize":
         keys = ("NESTED",)
+    elif r["kind"] == "splitk_reduce":
+        keys = ("SPLIT_K", "BLOCK")
     else:
         keys = ("ROWS",)
     return ", ".join(f"{k}={c[k]}" for k in keys if k in c) + f", warps={r['num_warps']}"
