@@ -27,12 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from qlora_gpu.kernels.util import absmax_arguments, cast_rne, launch_context
+from qlora_gpu.kernels.util import absmax_arguments, cast_rne, interpreting, launch_context
 
 __all__ = ["dequantize_4bit_kernel", "dequantize_4bit_triton", "bytes_moved_dequantize"]
 
-#: Packed bytes one program decodes (ROWS = this // (blocksize / 2), at least 1).
-TILE_BYTES = 1024
+#: Packed bytes one program decodes (ROWS = this // (blocksize / 2), at least 1): with 4 warps,
+#: 16 bytes per thread, so each thread loads its bytes with one 16-byte load and its 32 outputs
+#: amortize the set-up (the absmax decode, the index arithmetic).
+TILE_BYTES = 2048
 
 
 @triton.jit
@@ -43,18 +45,19 @@ def dequantize_4bit_kernel(
     nested_absmax_ptr,  # (ceil(n_blocks / NESTED),) float32 (unused without NESTED)
     nested_code_ptr,  # (256,) float32, the dynamic map (unused without NESTED)
     offset_ptr,  # () float32 (unused without NESTED)
-    out_ptr,  # (n,) output dtype
-    n,
+    out_ptr,  # (2 * n_bytes,) output dtype: the last element is padding when n is odd
+    n_bytes,  # (n + 1) // 2, passed from the host so Triton sees when it divides by 16
     n_blocks,
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,  # nested block size, 0 without double quantization
     ROWS: tl.constexpr,
+    BITWISE: tl.constexpr,  # the interpreter's rounding (see ``cast_rne``)
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
     row_in = rows < n_blocks
     byte_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
-    b = tl.load(packed_ptr + byte_offs, mask=byte_offs < (n + 1) // 2, other=0)
+    b = tl.load(packed_ptr + byte_offs, mask=byte_offs < n_bytes, other=0)
     if NESTED:
         q = tl.load(absmax_ptr + rows, mask=row_in, other=0).to(tl.int32)
         scale = tl.load(nested_absmax_ptr + rows // NESTED, mask=row_in, other=0.0)
@@ -65,7 +68,7 @@ def dequantize_4bit_kernel(
     lo = tl.load(code_ptr + (b & 0x0F).to(tl.int32)) * absmax[:, None]  # odd elements
     y = tl.interleave(hi, lo)  # (ROWS, BLOCKSIZE) in element order
     out_offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + out_offs, cast_rne(y, out_ptr.dtype.element_ty), mask=out_offs < n)
+    tl.store(out_ptr + out_offs, cast_rne(y, out_ptr.dtype.element_ty, BITWISE), mask=out_offs < 2 * n_bytes)
 
 
 def bytes_moved_dequantize(state, out_dtype: torch.dtype) -> int:
@@ -104,13 +107,15 @@ def dequantize_4bit_triton(flat: torch.Tensor, state, out_dtype: torch.dtype, *,
     [1.0, -1.0, 0.0, 0.44070982933044434]
     """
     n = state.numel
-    out = torch.empty(n, dtype=out_dtype, device=flat.device)
+    n_bytes = (n + 1) // 2
+    out = torch.empty(2 * n_bytes, dtype=out_dtype, device=flat.device)  # whole bytes: no odd tail mask
     rows = rows or max(1, TILE_BYTES // (state.blocksize // 2))
     grid = (triton.cdiv(state.n_blocks, rows),)
     absmax, nested_absmax, nested_code, offset, nested = absmax_arguments(state)
     with launch_context():
         dequantize_4bit_kernel[grid](
-            flat, state.code, absmax, nested_absmax, nested_code, offset, out, n, state.n_blocks,
-            BLOCKSIZE=state.blocksize, NESTED=nested, ROWS=rows, num_warps=num_warps, enable_fp_fusion=False,
+            flat, state.code, absmax, nested_absmax, nested_code, offset, out, n_bytes, state.n_blocks,
+            BLOCKSIZE=state.blocksize, NESTED=nested, ROWS=rows, BITWISE=interpreting(), num_warps=num_warps,
+            enable_fp_fusion=False,
         )
-    return out
+    return out[:n]

@@ -32,13 +32,16 @@ once, ``0.516 * N * K`` for NF4 block 64 with double quantization, plus ``x`` an
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
 
+from qlora_gpu import codebooks
 from qlora_gpu.kernels.util import absmax_arguments, cast_rne, interpreting, launch_context
 
-__all__ = ["matmul_4bit_kernel", "matmul_4bit_triton", "MatmulConfig", "default_config", "CONFIGS",
+__all__ = ["matmul_4bit_kernel", "splitk_reduce_kernel", "matmul_4bit_triton", "MatmulConfig", "default_config", "CONFIGS",
            "bytes_moved_matmul"]
 
 
@@ -57,7 +60,7 @@ def _absmax_at(blk, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset
 def matmul_4bit_kernel(
     x_ptr,  # (M, K) compute dtype, unit stride along K
     packed_ptr,  # (N * K / 2,) uint8, row-major W, first element of a byte in its high nibble
-    code_ptr,  # (16,) float32 codebook
+    pair_ptr,  # (256,) int64: the two float32 codebook values of each byte (``codebooks.pair_table``)
     absmax_ptr,  # (n_blocks,) float32, or uint8 codes when NESTED
     nested_absmax_ptr,  # float32 (unused without NESTED)
     nested_code_ptr,  # (256,) float32 (unused without NESTED)
@@ -65,6 +68,8 @@ def matmul_4bit_kernel(
     bias_ptr,  # (N,) any float dtype (unused without HAS_BIAS)
     out_ptr,  # (M, N) compute dtype, or (SPLIT_K, M, N) float32 partials when SPLIT_K > 1
     M, N, K,
+    half_k,  # K // 2, bytes per row of W: from the host, so Triton sees when it divides by 16
+    blocks_per_row,  # K // BLOCKSIZE (used when ALIGNED)
     stride_xm,
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,  # nested block size, 0 without double quantization
@@ -77,6 +82,7 @@ def matmul_4bit_kernel(
     USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 (no TF32)
     DOT_IN_FP32: tl.constexpr,  # True only under the interpreter with bfloat16 inputs
+    BITWISE: tl.constexpr,  # the interpreter's rounding (see ``cast_rne``)
 ):
     HALF_K: tl.constexpr = BLOCK_K // 2  # packed bytes per tile row
     pid_n = tl.program_id(0)
@@ -85,22 +91,24 @@ def matmul_4bit_kernel(
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_in = offs_n < N
     x_dtype = x_ptr.dtype.element_ty
-    half_k = K // 2  # bytes per row of W (K is even)
     k_chunk = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_start = pid_k * k_chunk
     k_end = tl.minimum(k_start + k_chunk, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:  # one row of x: products accumulate in the weight tile's layout, reduced after the loop
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         j = k0 // 2 + tl.arange(0, HALF_K)  # (HALF_K,) byte column
         w_mask = n_in[:, None] & (j < half_k)[None, :]
         b = tl.load(packed_ptr + offs_n[:, None] * half_k + j[None, :], mask=w_mask, other=0)  # (BLOCK_N, HALF_K)
-        v_hi = tl.load(code_ptr + (b >> 4).to(tl.int32))  # codebook values of even columns
-        v_lo = tl.load(code_ptr + (b & 0x0F).to(tl.int32))  # odd columns
+        pair = tl.load(pair_ptr + b.to(tl.int32))  # one gather per byte: two codebook values
+        v_hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)  # even columns (high nibble)
+        v_lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)  # odd columns
         if ALIGNED:
             # Each tile row holds G whole blocks (or lies inside one): one absmax per group.
             G: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
-            per_row = K // BLOCKSIZE
-            blk = offs_n[:, None] * per_row + k0 // BLOCKSIZE + tl.arange(0, G)[None, :]  # (BLOCK_N, G)
+            blk = offs_n[:, None] * blocks_per_row + k0 // BLOCKSIZE + tl.arange(0, G)[None, :]  # (BLOCK_N, G)
             g_mask = n_in[:, None] & ((k0 + tl.arange(0, G) * BLOCKSIZE) < K)[None, :]
             a = _absmax_at(blk, g_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)
             a = a[:, :, None]  # (BLOCK_N, G, 1), broadcast over the group's bytes
@@ -111,30 +119,74 @@ def matmul_4bit_kernel(
             a = _absmax_at(blk, w_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)
             w_hi = v_hi * a
             w_lo = v_lo * a
-        w_hi = cast_rne(w_hi, x_dtype)  # the decoded weight in the compute dtype, as the oracle rounds it
-        w_lo = cast_rne(w_lo, x_dtype)
-        kk = k0 + 2 * tl.arange(0, HALF_K)  # (HALF_K,) even column index
-        x_offs = offs_m[:, None, None] * stride_xm + kk[None, :, None] + tl.arange(0, 2)[None, None, :]
-        x_mask = (offs_m < M)[:, None, None] & (kk < K)[None, :, None]
-        x_even, x_odd = tl.split(tl.load(x_ptr + x_offs, mask=x_mask, other=0.0))  # (BLOCK_M, HALF_K) each
         if USE_DOT:
+            w_hi = cast_rne(w_hi, x_dtype, BITWISE)  # tensor-core inputs: the weight rounded as the oracle does
+            w_lo = cast_rne(w_lo, x_dtype, BITWISE)
+            kk = k0 + 2 * tl.arange(0, HALF_K)  # (HALF_K,) even column index
+            x_offs = offs_m[:, None, None] * stride_xm + kk[None, :, None] + tl.arange(0, 2)[None, None, :]
+            x_mask = (offs_m < M)[:, None, None] & (kk < K)[None, :, None]
+            x_even, x_odd = tl.split(tl.load(x_ptr + x_offs, mask=x_mask, other=0.0))  # (BLOCK_M, HALF_K) each
             if DOT_IN_FP32:  # interpreter only: its dot multiplies bf16 bit patterns as integers
                 x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)  # exact, as are the products
                 w_hi, w_lo = w_hi.to(tl.float32), w_lo.to(tl.float32)
             acc = tl.dot(x_even, tl.trans(w_hi), acc, input_precision=PRECISION)
             acc = tl.dot(x_odd, tl.trans(w_lo), acc, input_precision=PRECISION)
         else:
-            prod = x_even.to(tl.float32)[:, None, :] * w_hi.to(tl.float32)[None, :, :]
-            prod += x_odd.to(tl.float32)[:, None, :] * w_lo.to(tl.float32)[None, :, :]
-            acc += tl.sum(prod, axis=2)
+            k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,) one contiguous row of x
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            w = tl.interleave(w_hi, w_lo)  # (BLOCK_N, BLOCK_K) float32, the oracle's float32 decode
+            # A fused multiply-add written out: the sum's order and rounding are free in the
+            # derived tier (Note: the one-row product's weights).
+            acc2 = tl.fma(w, x[None, :], acc2)
+    if not USE_DOT:
+        acc = tl.sum(acc2, axis=1)[None, :]  # (1, BLOCK_N)
     out_mask = (offs_m < M)[:, None] & n_in[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], cast_rne(acc, out_ptr.dtype.element_ty, BITWISE),
                  mask=out_mask)
     else:
         tl.store(out_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+
+
+#: Outputs one program of ``splitk_reduce_kernel`` sums.
+REDUCE_BLOCK = 1024
+
+
+@triton.jit
+def splitk_reduce_kernel(
+    part_ptr,  # (SPLIT_K, M, N) float32 partial products
+    bias_ptr,  # (N,) any float dtype (unused without HAS_BIAS)
+    out_ptr,  # (M, N) compute dtype
+    MN, N,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BITWISE: tl.constexpr,  # the interpreter's rounding (see ``cast_rne``)
+    BLOCK: tl.constexpr,
+):
+    """Sum the split-K partials in a fixed order, add the bias, round once: one launch."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < MN
+    acc = tl.load(part_ptr + offs, mask=inside, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=inside, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, cast_rne(acc, out_ptr.dtype.element_ty, BITWISE), mask=inside)
+
+
+_PAIR_TABLES = {}  # id(code) -> (weak reference to code, its version, the pair table)
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """``codebooks.pair_table(code)``, built once per codebook tensor (and again if it changes in place)."""
+    hit = _PAIR_TABLES.get(id(code))
+    if hit is None or hit[0]() is not code or hit[1] != code._version:
+        hit = (weakref.ref(code, lambda _, key=id(code): _PAIR_TABLES.pop(key, None)), code._version,
+               codebooks.pair_table(code))
+        _PAIR_TABLES[id(code)] = hit
+    return hit[2]
 
 
 class MatmulConfig(tuple):
@@ -160,17 +212,25 @@ CONFIGS = [
 def default_config(M: int, N: int, K: int) -> MatmulConfig:
     """A reasonable configuration before tuning: enough programs to fill a large GPU.
 
+    One row of ``x`` takes CUDA cores with 16 output features per program: 256 programs for
+    ``N = 4096``, about two per multiprocessor of an H100/H200, without splitting ``K``. More
+    rows take tensor cores on 64x128 weight tiles (fewer instructions per weight, see
+    ``docs/kernels.md``), and ``K`` is split until there are 256 programs; the partial sums are
+    reduced by ``splitk_reduce_kernel`` (one launch, which also adds the bias and rounds).
+
     Examples
     --------
     >>> default_config(1, 4096, 14336)
-    (32, 256, 2, False, 4)
+    (16, 256, 1, False, 4)
+    >>> default_config(4, 4096, 14336)
+    (64, 128, 4, True, 4)
     """
-    block_n, block_k = 32, 256
+    block_n, block_k = (16, 256) if M == 1 else (64, 128)
     programs = -(-N // block_n)
     split_k = 1
     while programs * split_k < 256 and K >= 2 * split_k * block_k * 4:
         split_k *= 2
-    return MatmulConfig(block_n, block_k, split_k, M > 4, 4)
+    return MatmulConfig(block_n, block_k, split_k, M > 1, 4)
 
 
 def bytes_moved_matmul(state, M: int, x_dtype: torch.dtype) -> int:
@@ -205,7 +265,8 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
     M, K = x2d.shape
     N = state.shape[0]
     block_n, block_k, split_k, use_dot, num_warps = config or default_config(M, N, K)
-    block_m = 16 if use_dot else max(1, triton.next_power_of_2(M))
+    use_dot = use_dot or M > 1  # the CUDA-core path takes one row (Note: the one-row product's weights)
+    block_m = 16 if use_dot else 1
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     if split_k == 1:
@@ -217,16 +278,20 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
     dot_in_fp32 = use_dot and interpreting() and x2d.dtype == torch.bfloat16
     with launch_context():
         matmul_4bit_kernel[grid](
-            x2d, flat, state.code, absmax, nested_absmax, nested_code, offset,
-            bias if bias is not None else state.code, out, M, N, K, x2d.stride(0),
+            x2d, flat, _pair_table(state.code), absmax, nested_absmax, nested_code, offset,
+            bias if bias is not None else state.code, out, M, N, K, K // 2, K // state.blocksize, x2d.stride(0),
             BLOCKSIZE=state.blocksize, NESTED=nested, ALIGNED=(K % state.blocksize == 0),
             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
             USE_DOT=use_dot, PRECISION="ieee" if x2d.dtype == torch.float32 or dot_in_fp32 else "tf32",
-            DOT_IN_FP32=dot_in_fp32, num_warps=num_warps,
+            DOT_IN_FP32=dot_in_fp32, BITWISE=interpreting(), num_warps=num_warps, enable_fp_fusion=False,
         )
     if split_k == 1:
         return out
-    y = out.sum(dim=0)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x2d.dtype)
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    with launch_context():
+        splitk_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
+            out, bias if bias is not None else state.code, y, M * N, N,
+            SPLIT_K=split_k, HAS_BIAS=bias is not None, BITWISE=interpreting(), BLOCK=REDUCE_BLOCK,
+            num_warps=4, enable_fp_fusion=False,
+        )
+    return y

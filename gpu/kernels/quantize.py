@@ -20,9 +20,14 @@ grid barrier:
 Note: exact arithmetic in the Triton kernels
     Every float32 operation here must round exactly as the oracle's NumPy: the reciprocal uses
     ``tl.math.div_rn`` (IEEE division; Triton's ``/`` may lower to an approximate division on
-    CUDA), and the kernels are launched with ``enable_fp_fusion=False`` so that no multiply
-    and add are contracted into one FMA. Comparisons against the codebook midpoints are exact.
-    The nested encoder compares in float64, where a midpoint of two float32 values is exact.
+    CUDA), and every kernel (quantize, double quantize, decode, the fused product) is launched
+    with ``enable_fp_fusion=False`` so that no multiply and add are contracted into one FMA: the
+    double-quantized absmax ``code[q] * nested_absmax + offset`` rounds twice, as the oracle
+    does. Where a fused multiply-add is allowed (the product's float32 accumulation, held to the
+    derived tier) the kernel writes ``tl.fma``. ``benchmarks/kernel_report.py`` checks the
+    compiled PTX of every launch for contractions the kernels did not write. Comparisons
+    against the codebook midpoints are exact. The nested encoder compares in float64, where a
+    midpoint of two float32 values is exact.
 """
 
 from __future__ import annotations
@@ -43,11 +48,11 @@ TILE_ELEMENTS = 2048
 @triton.jit
 def quantize_4bit_kernel(
     x_ptr,  # (n,) float32 / float16, or int16 holding bfloat16 bits (BF16_BITS), the flat input
-    mid_ptr,  # (15,) float32, sorted midpoints of the codebook
-    order_ptr,  # (16,) int32, code of each sorted position
+    enc_ptr,  # (65536,) int64, the encoder's lookup table (``codebooks.encode_table``)
     packed_ptr,  # ((n + 1) // 2,) uint8, output
     absmax_ptr,  # (n_blocks,) float32, output
     n,
+    n_bytes,  # (n + 1) // 2, from the host so Triton sees when it divides by 16
     n_blocks,
     BLOCKSIZE: tl.constexpr,
     ROWS: tl.constexpr,
@@ -56,9 +61,7 @@ def quantize_4bit_kernel(
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per block
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
-    pair = tl.arange(0, HALF)  # (HALF,) byte within the block
-    nibble = tl.arange(0, 2)  # 0: high nibble (even element), 1: low nibble (odd element)
-    offs = rows[:, None, None] * BLOCKSIZE + pair[None, :, None] * 2 + nibble[None, None, :]  # (ROWS, HALF, 2)
+    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (ROWS, BLOCKSIZE)
     # Contiguous, coalesced load; elements past n read as 0, so they take the zero code, which
     # is exactly the pad nibble of an odd count, and never raise a block's absmax.
     if BF16_BITS:
@@ -68,18 +71,19 @@ def quantize_4bit_kernel(
         x = bits.to(tl.float32, bitcast=True)
     else:
         x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    absmax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)  # (ROWS,) float32
+    absmax = tl.max(tl.abs(x), axis=1)  # (ROWS,) float32
     reciprocal = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), absmax)  # inf for a zero block
-    s = x * reciprocal[:, None, None]
-    position = tl.zeros((ROWS, HALF, 2), dtype=tl.int32)
-    for i in tl.static_range(15):  # number of midpoints strictly below s: ties go to the lower code
-        position += (s > tl.load(mid_ptr + i)).to(tl.int32)
-    code = tl.load(order_ptr + position)  # gather from a 16-entry table (L1 resident)
-    code = tl.where(x == 0.0, ZERO_CODE, code)  # zero is zero, whatever the block's absmax
-    hi, lo = tl.split(code)  # (ROWS, HALF) each
+    s = x * reciprocal[:, None]
+    # One lookup on the upper 16 bits of s gives a threshold and the two codes around it
+    # (``codebooks.encode_table``, Note: the encoder's lookup table): the oracle's code exactly.
+    entry = tl.load(enc_ptr + (s.to(tl.uint32, bitcast=True) >> 16).to(tl.int32))
+    threshold = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    code = tl.where(s > threshold, (entry >> 40) & 0xFF, (entry >> 32) & 0xFF).to(tl.int32)
+    code = tl.where(x == 0.0, ZERO_CODE, code)  # zero is zero, whatever the block's absmax (and 0 * inf)
+    hi, lo = tl.split(tl.reshape(code, (ROWS, HALF, 2)))  # (ROWS, HALF) each: even and odd elements
     packed = ((hi << 4) | lo).to(tl.uint8)
-    byte_offs = rows[:, None] * HALF + pair[None, :]
-    tl.store(packed_ptr + byte_offs, packed, mask=byte_offs < (n + 1) // 2)
+    byte_offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    tl.store(packed_ptr + byte_offs, packed, mask=byte_offs < n_bytes)
     tl.store(absmax_ptr + rows, absmax, mask=rows < n_blocks)
 
 
@@ -141,8 +145,7 @@ def quantize_4bit_triton(t: torch.Tensor, blocksize: int, quant_type: str):
     grid = (triton.cdiv(n_blocks, rows),)
     with launch_context():
         quantize_4bit_kernel[grid](
-            x, codebooks.midpoints(quant_type, x.device), codebooks.sorted_codes(quant_type, x.device).to(torch.int32),
-            packed, absmax, n, n_blocks,
+            x, codebooks.encode_table(quant_type, x.device), packed, absmax, n, (n + 1) // 2, n_blocks,
             BLOCKSIZE=blocksize, ROWS=rows, ZERO_CODE=codebooks.ZERO_CODES[quant_type], BF16_BITS=bf16_bits,
             enable_fp_fusion=False,
         )

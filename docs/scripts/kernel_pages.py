@@ -1,0 +1,111 @@
+"""Make the tables of ``docs/kernels.md`` from ``benchmarks/results/kernels.json``.
+
+Run ``python docs/scripts/kernel_pages.py`` from the repository root after
+``python -m benchmarks.kernel_report --all --out benchmarks/results/kernels.json``. Every number
+is read from the report (compiled SASS counts) or computed from it by the performance model
+(``benchmarks/kernel_model.py``); none is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+REPORT = ROOT / "benchmarks" / "results" / "kernels.json"
+
+sys.path.insert(0, str(ROOT))
+from benchmarks.kernel_model import budget, predict  # noqa: E402
+
+
+def _md_table(headers, rows) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
+
+
+def _widths(counts: dict) -> str:
+    return " ".join(f"{n}x{w}B" for w, n in counts.items()) or "-"
+
+
+def _constexprs(r: dict) -> str:
+    c = r["constexprs"]
+    if r["kind"] == "matmul":
+        keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "USE_DOT")
+    elif r["kind"] == "double_quantize":
+        keys = ("NESTED",)
+    elif r["kind"] == "splitk_reduce":
+        keys = ("SPLIT_K", "BLOCK")
+    else:
+        keys = ("ROWS",)
+    return ", ".join(f"{k}={c[k]}" for k in keys if k in c) + f", warps={r['num_warps']}"
+
+
+def _budget_cell(r: dict) -> str:
+    b = budget(r)
+    if b is None:
+        return "-"
+    return f"{b} ({'met' if r['per_item'] <= b else 'not met'})"
+
+
+def _row(r: dict) -> list:
+    p = predict(r)
+    spills = r["local_bytes"] + r["spill_instructions"]
+    return [r["case"], f"sm_{r['arch']}", _constexprs(r), r["registers"], "none" if not spills else
+            f"{r['local_bytes']} B", f"{r['shared_bytes'] / 1024:.1f}", r["loop_instructions"],
+            f"{r['per_item']:.1f}", _budget_cell(r), _widths(r["loads"]), _widths(r["stores"]),
+            r["loop_shuffles"], r["contractions"],
+            f"{p['H100']['fraction']:.0%} ({p['H100']['bound']})", f"{p['H200']['fraction']:.0%} ({p['H200']['bound']})"]
+
+
+HEADERS = ["case", "arch", "launch", "regs", "spills", "shared KB", "loop instr", "per item", "budget",
+           "loads in loop", "stores in loop", "SHFL", "contractions", "model H100", "model H200"]
+
+
+def _load() -> dict:
+    return json.loads(REPORT.read_text())
+
+
+def default_table() -> str:
+    """The default configurations on both architectures (what CI compiles)."""
+    doc = _load()
+    rows = [_row(r) for r in doc["rows"] if r["default"]]
+    head = (f"Triton {doc['triton']}, kernel sources `{doc['source_hash']}`, weight {doc['shape'][0]}x"
+            f"{doc['shape'][1]} NF4 block 64 with double quantization unless the case says otherwise.\n\n")
+    return head + _md_table(HEADERS, rows)
+
+
+def all_table() -> str:
+    """Every configuration the launchers can choose (and the benchmark sweep), sm_90 then sm_80."""
+    doc = _load()
+    if not doc["full"]:
+        return "The committed report holds the default configurations only.\n"
+    rows = [_row(r) for arch in (90, 80) for r in doc["rows"] if r["arch"] == arch and not r["default"]]
+    return _md_table(HEADERS, rows)
+
+
+def budget_summary() -> str:
+    """Which budgets the default configurations meet on sm_90."""
+    doc = _load()
+    rows = []
+    for r in doc["rows"]:
+        if r["default"] and r["arch"] == 90 and budget(r) is not None:
+            rows.append([r["case"], f"{r['per_item']:.1f}", budget(r), "met" if r["per_item"] <= budget(r) else "not met",
+                         _widths(r["loads"]), _widths(r["stores"])])
+    return _md_table(["case (sm_90)", "instructions per item", "budget", "verdict", "loads", "stores"], rows)
+
+
+GENERATED = {"kernels_default.md": default_table, "kernels_all.md": all_table, "kernels_budgets.md": budget_summary}
+
+
+def main() -> int:
+    (DOCS / "generated").mkdir(exist_ok=True)
+    for name, make in GENERATED.items():
+        (DOCS / "generated" / name).write_text(make())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
