@@ -53,6 +53,45 @@ def test_generated_tables_are_current(name):
         assert committed == make(), f"docs/generated/{file_name} is stale: run docs/scripts/{name}.py"
 
 
+# A decimal number in prose: optional sign, digits, a point, digits (not part of a word or version).
+# arXiv identifiers (2306.06965) are citations, not numbers.
+NUMBER = re.compile(r"(?<![\w.])(?<!arXiv )-?(\d+\.\d+)(?![\w.])")
+ANY_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def _significant_digits(number: str) -> int:
+    return len(number.replace(".", "").lstrip("0"))
+
+
+def _sources_of_numbers() -> str:
+    """Where a number in a page may come from: the generated fragments, and the oracle's constants
+    (the spec page quotes format constants, which live as data in ``qlora_ref``)."""
+    from qlora_ref import codebook
+
+    generated = [p.read_text() for p in (ROOT / "docs" / "generated").glob("*")]
+    constants = [p.read_text() for p in (ROOT / "qlora_ref").rglob("*.py")]
+    tables = [f"{float(v)!r} {v!s}" for t in ("nf4", "fp4", "int4") for v in codebook(t)]  # float32 entries
+    return "\n".join(generated + constants + tables)
+
+
+def test_prose_numbers_come_from_generators():
+    """A measured number in a page's prose (three or more significant digits, outside code blocks)
+    must appear in a generated fragment or in the oracle's constants: typed-in numbers go stale.
+
+    Numbers that a ```python block prints are checked by running the block, not here."""
+    sources = _sources_of_numbers()
+    stray = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        prose = ANY_FENCE.sub("", page.read_text())
+        for m in NUMBER.finditer(prose):
+            number = m.group(1)
+            if _significant_digits(number) >= 3 and number not in sources:
+                line = prose[:m.start()].count("\n") + 1
+                stray.append(f"{page.name}: {m.group()} in {prose.splitlines()[line - 1].strip()[:90]!r}")
+    assert not stray, ("numbers typed into pages that no generator or constant makes (make them in "
+                       "docs/scripts/ and include the fragment):\n" + "\n".join(stray))
+
+
 @pytest.mark.skipif(shutil.which("mkdocs") is None and importlib.util.find_spec("mkdocs") is None,
                     reason="mkdocs is not installed (pip install -e '.[docs]')")
 def test_site_builds_strict(tmp_path):

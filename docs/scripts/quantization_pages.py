@@ -82,6 +82,116 @@ def double_quant_table() -> str:
     return _md_table(["block", "double quant", "bits / parameter", "mean abs error", "absmax rel. error mean / max"], rows)
 
 
+BLOCK64_SETTINGS = (
+    # (data, seed, double quantization): the settings under which a block-64 NF4 error is quoted
+    ((1024, 1024), 0, False),
+    ((1024, 1024), 0, True),
+    ((4096, 4096), 0, False),
+    ((4096, 4096), 0, True),
+)
+
+
+def block64_errors_table() -> str:
+    """Every block-64 NF4 round-trip error the docs and ``qlora-ref report`` quote, side by side."""
+    where = {
+        ((1024, 1024), False): "NF4 page table; `qlora-ref report`, column \"no DQ\"",
+        ((1024, 1024), True): "`qlora-ref report`, column \"DQ\"",
+        ((4096, 4096), False): "double-quantization page, row 64 / no",
+        ((4096, 4096), True): "double-quantization page, row 64 / yes",
+    }
+    rows = []
+    for shape, seed, dq in BLOCK64_SETTINGS:
+        x = _normal_matrix(*shape, seed=seed)
+        err = round_trip_error(x, blocksize=64, quant_type="nf4", double_quant=dq)["mean_abs"]
+        rows.append([f"{shape[0]}x{shape[1]}, one draw (NumPy seed {seed})", "yes" if dq else "no",
+                     f"{err:.6f}", where[(shape, dq)]])
+    published = PUBLISHED_MEAN_ABS_ERROR["nf4"][64]
+    rows.append(["1024x1024, mean over 200 draws (torch)", "no", f"{published:.6f}",
+                 "bitsandbytes' tests (the \"published\" figure)"])
+    return _md_table(["standard-normal float32 data", "double quant", "mean abs error", "quoted on"], rows)
+
+
+def code_use(blocksize: int, x: np.ndarray) -> np.ndarray:
+    """Fraction of elements of ``x`` that get each NF4 code (16,), quantized with ``blocksize``."""
+    packed, _ = quantize_4bit(x, blocksize=blocksize, quant_type="nf4")
+    codes = np.concatenate([packed.ravel() >> 4, packed.ravel() & 0xF])
+    return np.bincount(codes, minlength=16) / codes.size
+
+
+def code_use_table() -> str:
+    """How often each NF4 code is used on standard-normal data, block 64, and the entropy."""
+    x = _normal_matrix()
+    freq = code_use(64, x)
+    table = codebook("nf4")
+    rows = [[c, f"{float(v):+.4f}", f"{100 * f:.2f}%"] for c, (v, f) in enumerate(zip(table, freq))]
+    entropy = float(-(freq * np.log2(freq)).sum())
+    n_blocks = x.size // 64
+    packed, _ = quantize_4bit(x, blocksize=64, quant_type="nf4")
+    codes = np.stack([packed.ravel() >> 4, packed.ravel() & 0xF], axis=1).reshape(n_blocks, 64)
+    ends = ((codes == 0) | (codes == 15)).sum(axis=1)  # the block's absmax element lands on -1 or +1
+    text = _md_table(["code", "value", "share of elements"], rows)
+    text += (
+        f"\nOn 1024x1024 standard-normal data, block 64: code use ranges from {100 * freq.min():.1f}% "
+        f"to {100 * freq.max():.1f}% (equal use would be {100 / 16:.2f}%), an entropy of "
+        f"{entropy:.2f} bits out of 4. Every block uses -1 or +1 at least once (the element that set "
+        f"the absmax lands there exactly), {ends.mean():.2f} times per block on average, and "
+        f"{100 * np.mean(ends == 1):.1f}% of blocks exactly once.\n"
+    )
+    return text
+
+
+def offset_line() -> str:
+    """The offset reconstruction evaluated, beside bitsandbytes' literal."""
+    delta = 1 - (1 / 32 + 1 / 30) / 2
+    return (f"$$\\delta = 1 - \\tfrac{{1}}{{2}}\\left(\\tfrac{{1}}{{32}} + \\tfrac{{1}}{{30}}\\right) "
+            f"= {delta:.8f}\\ldots$$\n\nwhich rounds to bitsandbytes' literal `{NF4_OFFSET}` "
+            f"(`qlora_ref.codebooks.NF4_OFFSET`).\n")
+
+
+#: Tensor shapes for the per-tensor overhead of double quantization (small to a 7B model's layer).
+OVERHEAD_SHAPES = ((128, 256), (1024, 1024), (4096, 4096))
+
+
+def dq_bits_table() -> str:
+    """Why examples print more than 4.127 bits: the per-tensor maps and offset, quantified."""
+    rows = []
+    for shape in OVERHEAD_SHAPES:
+        x = _normal_matrix(*shape)
+        packed, state = quantize_4bit(x, blocksize=64, double_quant=True)
+        nested = state.nested
+        per_tensor_bytes = state.code.nbytes + nested.code.nbytes + np.asarray(nested.offset).nbytes
+        per_block_bits = 8.0 * (state.packed_nbytes + nested.codes.nbytes + nested.absmax.nbytes) / state.numel
+        rows.append([
+            f"{shape[0]}x{shape[1]}", f"{state.numel:,}", f"{per_block_bits:.4f}", per_tensor_bytes,
+            f"{8.0 * per_tensor_bytes / state.numel:.4f}", f"{state.bits_per_parameter:.4f}",
+        ])
+    limit = 4 + 8 / 64 + 32 / (64 * 256)
+    text = _md_table(["tensor", "parameters", "codes + constants, bits / param",
+                      "per-tensor bytes (two maps, offset)", "their bits / param", "total bits / param"], rows)
+    text += (f"\nThe limit for a large tensor is $4 + 8/64 + 32/(64 \\cdot 256) = {limit:.4f}$; "
+             "the per-tensor bytes add $8 \\cdot \\text{bytes} / \\text{parameters}$ on top.\n")
+    return text
+
+
+def _first_changed_significant_digit(a: str, b: str) -> int:
+    """1-based index of the first significant digit in which two decimal strings differ."""
+    da, db = (s.replace(".", "").lstrip("0") for s in (a, b))
+    return next(i + 1 for i, (p, q) in enumerate(zip(da, db)) if p != q)
+
+
+def dq_cost_sentence() -> str:
+    """Where double quantization moves the mean error, in significant digits, per block size."""
+    x = _normal_matrix(4096, 4096)
+    ordinal = {1: "first", 2: "second", 3: "third", 4: "fourth", 5: "fifth", 6: "sixth"}
+    parts = []
+    for blocksize in (32, 64, 128, 256):
+        a, b = (f"{round_trip_error(x, blocksize=blocksize, quant_type='nf4', double_quant=dq)['mean_abs']:.6f}"
+                for dq in (False, True))
+        parts.append(f"block {blocksize}: {a} -> {b}, the {ordinal[_first_changed_significant_digit(a, b)]} "
+                     "significant digit")
+    return "Double quantization moves the mean round-trip error by " + "; ".join(parts) + ".\n"
+
+
 def figures() -> None:
     import matplotlib
 
@@ -118,11 +228,32 @@ def figures() -> None:
     fig.savefig(DOCS / "figures" / "error_histograms.png", dpi=110, metadata={"Software": None})
     plt.close(fig)
 
+    # Figure 3: how often each NF4 code is used, by block size, against equal use.
+    x = _normal_matrix()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.27
+    for i, blocksize in enumerate((64, 256, 4096)):
+        ax.bar(np.arange(16) + (i - 1) * width, 100 * code_use(blocksize, x), width, label=f"block {blocksize}")
+    ax.axhline(100 / 16, color="k", ls="--", lw=1, label="equal use (1/16)")
+    ax.set_xticks(range(16))
+    ax.set_xlabel("NF4 code (0 = -1, 7 = 0, 15 = +1)")
+    ax.set_ylabel("% of elements")
+    ax.set_title("NF4 code use on standard-normal data (1024x1024)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(DOCS / "figures" / "nf4_code_use.png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
 
 GENERATED = {
     "nf4_table.md": nf4_table,
     "round_trip_errors.md": round_trip_table,
     "double_quant.md": double_quant_table,
+    "nf4_code_use.md": code_use_table,
+    "nf4_offset.md": offset_line,
+    "block64_errors.md": block64_errors_table,
+    "dq_bits.md": dq_bits_table,
+    "dq_cost.md": dq_cost_sentence,
 }
 
 
