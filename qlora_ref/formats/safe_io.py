@@ -2,8 +2,8 @@
 
 Every reader of the project (checkpoints, sharded indexes, adapters, golden vectors) goes through
 these helpers, so the promises of ``docs/reader.md`` hold in one place. Pairs with
-``qlora_ref.checkpoint`` (streaming safetensors reads), ``qlora_ref.vectors`` and
-``qlora_ref.adapters``.
+``qlora_ref.formats.checkpoint`` (streaming safetensors reads), ``qlora_ref.conformance.vectors`` and
+``qlora_ref.formats.peft``.
 
 Note: hostile paths
     A name written inside a file (a manifest's ``file``, an index's shard) is a relative path
