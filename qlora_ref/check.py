@@ -7,8 +7,13 @@ Note: what check compares), and prints one table: per implementation and group o
 values compared, those bit-identical, the differences in each named class
 (``qlora_ref.classify``) and the unexplained ones.
 
-Exit status: 1 when any difference is unexplained (with ``--strict``: any difference at all),
-2 on a usage error, 0 otherwise.
+Decoded values are explained by whole decoder models (``qlora_ref.variants``): an
+implementation passes only when ONE model reproduces every tensor it decoded; the table's notes
+name that model per implementation, and the report states the machine (the CPU features that
+decide the comparators' paths, the paths each took, the versions).
+
+Exit status: 1 when any difference is unexplained or no single decoder model explains an
+implementation (with ``--strict``: any difference at all), 2 on a usage error, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +29,69 @@ from qlora_ref.state import BLOCKSIZES, numpy_dtype
 from qlora_ref.vector_cases import quantize_case
 from qlora_ref.vectors import load_case, read_manifest
 
-__all__ = ["Row", "check_implementations", "format_report", "random_inputs", "register"]
+__all__ = ["Row", "check_implementations", "format_report", "random_inputs", "register", "machine_info",
+           "decode_models"]
+
+#: CPU features that decide which paths the comparators take (``/proc/cpuinfo`` flag names).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def machine_info(impls=()) -> dict:
+    """The machine and the implementations' own account of their paths and versions.
+
+    Returns
+    -------
+    dict
+        ``machine`` (``platform.machine()``), ``python``, ``numpy``, ``cpu features`` (each of
+        ``CPU_FEATURES``: True or False; empty when ``/proc/cpuinfo`` cannot be read) and
+        ``implementations``: ``describe()`` of each available implementation that has one.
+
+    Examples
+    --------
+    >>> sorted(machine_info())
+    ['cpu features', 'implementations', 'machine', 'numpy', 'python']
+    """
+    import platform
+
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    described = {}
+    for impl in impls:
+        if impl.available and impl.describe is not None:
+            try:
+                described[impl.name] = impl.describe()
+            except Exception as exc:  # a description must never stop the check
+                described[impl.name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
+            "cpu features": {name: name in flags for name in CPU_FEATURES} if flags else {},
+            "implementations": described}
+
+
+def decode_models(rows) -> dict:
+    """Per implementation, the decoder models that reproduce every tensor it decoded.
+
+    Returns
+    -------
+    dict
+        ``{implementation: sorted list of model names}`` for implementations that decoded
+        something; an empty list means no single model explains all of them.
+    """
+    from qlora_ref.variants import DECODE_MODELS
+
+    found: dict = {}
+    for r in rows:
+        if r.decode_models is not None:
+            found[r.impl] = r.decode_models if r.impl not in found else found[r.impl] & r.decode_models
+    order = list(DECODE_MODELS)
+    return {impl: sorted(models, key=order.index) for impl, models in found.items()}
+
 
 
 def _group(case) -> str:
@@ -212,8 +279,8 @@ def check_implementations(impls, *, vectors_root=None, use_vectors: bool = True,
     return sorted(rows.values(), key=lambda r: order[r.impl])  # stable: groups keep their run order
 
 
-def format_report(rows, impls, *, elapsed_s: float | None = None) -> str:
-    """Format the rows as one table, then the unavailable implementations and the notes."""
+def format_report(rows, impls, *, elapsed_s: float | None = None, machine: dict | None = None) -> str:
+    """Format the rows as one table, then the unavailable implementations, the notes, the machine."""
     from qlora_ref.tables import format_table
 
     class_names = sorted({name for r in rows for name in r.classes})
@@ -235,6 +302,19 @@ def format_report(rows, impls, *, elapsed_s: float | None = None) -> str:
     for r in rows:
         for note in r.notes:
             lines.append(f"  {r.impl}: {note}")
+    for impl, models in decode_models(rows).items():
+        if models:
+            lines.append(f"{impl}: decoded values reproduced by the model {models[0]!r}")
+        else:
+            total += 1
+            lines.append(f"{impl}: no single decoder model reproduces every decoded tensor (unexplained)")
+    if machine is not None:
+        features = machine["cpu features"]
+        listed = " ".join(f"{k}" if v else f"no-{k}" for k, v in features.items()) or "unknown"
+        lines.append(f"machine: {machine['machine']}, CPU features: {listed}; python {machine['python']}, "
+                     f"numpy {machine['numpy']}")
+        for impl, info in machine["implementations"].items():
+            lines.append(f"  {impl}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     summary = (f"{total} unexplained difference(s)" if total else "no unexplained differences") + \
               f"; {explained} explained by a named class"
     if elapsed_s is not None:
@@ -258,19 +338,24 @@ def _run(args) -> int:
     rows = check_implementations(impls, vectors_root=args.vectors, use_vectors=not args.no_vectors,
                                  seed=args.seed, rounds=args.rounds, per_case=args.per_case)
     elapsed_s = time.perf_counter() - start
-    unexplained = sum(r.unexplained for r in rows)
+    models = decode_models(rows)
+    unexplained = sum(r.unexplained for r in rows) + sum(1 for m in models.values() if not m)
     explained = sum(sum(r.classes.values()) for r in rows)
+    machine = machine_info(impls)
     if args.json:
         print(json.dumps({
-            "format_version": 1,
-            "implementations": {i.name: {"available": i.available, "reason": i.reason} for i in impls},
+            "format_version": 2,
+            "implementations": {i.name: {"available": i.available, "reason": i.reason,
+                                         "decode_model": (models.get(i.name) or [None])[0]} for i in impls},
             "rows": [r.as_dict() for r in rows],
             "unexplained": unexplained,
             "explained": explained,
+            "machine": machine,
             "elapsed_s": round(elapsed_s, 3),
         }, indent=2, sort_keys=True))
     else:
-        print(format_report(rows, impls, elapsed_s=None if args.no_time else elapsed_s))
+        print(format_report(rows, impls, elapsed_s=None if args.no_time else elapsed_s,
+                            machine=None if args.no_time else machine))
     if unexplained or (args.strict and explained):
         return 1
     return 0
@@ -292,5 +377,5 @@ def register(subparsers) -> None:
     p.add_argument("--no-vectors", action="store_true", help="skip the golden vectors")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--rounds", type=int, default=1, help="random inputs per quant type and dtype (default 1; 0 for none)")
-    p.add_argument("--no-time", action="store_true", help="leave the elapsed time out (for reproducible output)")
+    p.add_argument("--no-time", action="store_true", help="leave the elapsed time and the machine out (for reproducible output)")
     p.set_defaults(func=_run)

@@ -17,7 +17,11 @@ Note: what check compares
        where it arises. An implementation that refuses to double-quantize absmax whose float32
        sum overflows is right to (``offset sum overflow``).
     3. ``dequantize`` of the oracle's state (with and without double quantization): decoded
-       values, bit for bit (``fp4 negative zero`` is the only class).
+       values, bit for bit or reproduced exactly by one decoder model of ``qlora_ref.variants``
+       (``classify_decoded``); the models that reproduce each tensor are kept per row, and an
+       implementation is explained only when one model reproduces all of them.
+
+    Everywhere NaN compares equal to NaN whatever its payload (``variants.same_bits``).
 
     torchao's scheme (``double_quant="torchao"``) is compared on inputs whose size it accepts;
     its mean may differ within a float32 sum's rounding (``offset ulp``), after which everything
@@ -42,9 +46,10 @@ from qlora_ref.classify import (
     classify_offset,
     classify_packed,
 )
-from qlora_ref.double_quant import DYNAMIC_MAP, double_quantize
+from qlora_ref.double_quant import DYNAMIC_MAP, dequantize_absmax, double_quantize
 from qlora_ref.quantize import dequantize_4bit, unpack_4bit
 from qlora_ref.state import QuantState, numpy_dtype
+from qlora_ref.variants import same_bits
 from qlora_ref.vectors import case_state
 
 __all__ = ["Row", "DERIVED", "check_quantize", "check_dequantize", "check_lora", "check_torchao"]
@@ -76,6 +81,9 @@ class Row:
         Cases the implementation does not support.
     notes : list of str
         What went wrong where, for the unexplained differences and errors.
+    decode_models : set of str or None
+        The decoder models (``qlora_ref.variants``) that reproduce every decoded tensor of the
+        row; None when nothing was decoded.
     """
 
     impl: str
@@ -87,12 +95,16 @@ class Row:
     unexplained: int = 0
     skipped: int = 0
     notes: list = field(default_factory=list)
+    decode_models: set | None = None
     _keys: set = field(default_factory=set, repr=False)
 
     def add(self, diff: Differences, where: str) -> None:
         """Count one comparison's differences by class."""
         self.compared += diff.compared
         self.exact += diff.compared - diff.index.size
+        if diff.models is not None:
+            models = set(diff.models)
+            self.decode_models = models if self.decode_models is None else self.decode_models & models
         for name, n in diff.counts().items():
             if name == UNCLASSIFIED:
                 self.unexplained += n
@@ -121,14 +133,14 @@ class Row:
     def as_dict(self) -> dict:
         return {"impl": self.impl, "group": self.group, "cases": self.cases, "compared": self.compared,
                 "exact": self.exact, "classes": dict(sorted(self.classes.items())),
-                "unexplained": self.unexplained, "skipped": self.skipped, "notes": list(self.notes)}
+                "unexplained": self.unexplained, "skipped": self.skipped, "notes": list(self.notes),
+                "decode_models": None if self.decode_models is None else sorted(self.decode_models)}
 
 
 def _exact(what: str, expected, actual) -> Differences:
     """Bitwise comparison with no classes: every difference is unexplained."""
     e, a = np.asarray(expected).reshape(-1), np.asarray(actual).reshape(-1)
-    uint = np.dtype(f"u{e.dtype.itemsize}")
-    index = np.flatnonzero(e.view(uint) != a.astype(e.dtype).view(uint))
+    index = np.flatnonzero(~same_bits(e, a.astype(e.dtype)))
     return Differences(what, e.size, index, np.full(index.size, UNCLASSIFIED, dtype=object).astype(str))
 
 
@@ -246,7 +258,9 @@ def check_dequantize(impl, case, arrays, row: Row, name: str) -> None:
             continue
         if y.shape != expected.shape:  # the values are compared; the shape is only reported
             row.note(f"{name} {key}: returned shape {y.shape} for {expected.shape}", key="shape")
-        row.add(classify_decoded(codes, expected, y.reshape(expected.shape), quant_type=qt), f"{name} {key}")
+        absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
+        row.add(classify_decoded(codes, expected, y.reshape(expected.shape), quant_type=qt, absmax=absmax,
+                                 blocksize=bs), f"{name} {key}")
 
 
 def check_lora(impl, case, arrays, row: Row, name: str) -> None:

@@ -54,8 +54,11 @@ Note: difference classes
     mean the oracle computes), and ``offset sum overflow``, an infinite offset from a float32
     sum that overflowed (bitsandbytes then stores a broken state; the oracle's mean is finite).
 
-    Decoded values (``classify_decoded``): ``fp4 negative zero``, FP4 code 8 decoded as -0.0
-    (bitsandbytes' CUDA kernel and its C++ CPU kernel without AVX-512) instead of +0.0.
+    Decoded values (``classify_decoded``) are explained by whole decoder models, not per
+    element: a model of ``qlora_ref.variants`` (bitsandbytes' scalar or AVX-512 CPU decode, with
+    its dispatch) must reproduce every value of the tensor. Its rules name the differences:
+    ``fp4 negative zero`` (FP4 code 8 decoded as -0.0: bitsandbytes' scalar C++ loop, and its
+    CUDA kernel), ``row-crossing absmax`` and ``bf16 flush to zero`` (its AVX-512 loop).
 """
 
 from __future__ import annotations
@@ -107,12 +110,16 @@ class Differences:
         Flat positions that differ.
     classes : ndarray, shape (k,), str
         The class of each difference (``UNCLASSIFIED`` when no rule explains it).
+    models : tuple of str or None
+        For comparisons explained by whole models (``classify_decoded``): the models of
+        ``qlora_ref.variants`` that reproduce the other implementation's values exactly.
     """
 
     what: str
     compared: int
     index: np.ndarray
     classes: np.ndarray
+    models: tuple | None = None
 
     def counts(self) -> dict:
         """Return ``{class: number of differences}``, classes sorted by name."""
@@ -352,28 +359,70 @@ def classify_offset(absmax, offset, other_offset) -> Differences:
     return _result("offset", 1, [0], [name])
 
 
-def classify_decoded(codes, y, other_y, *, quant_type: str = "nf4") -> Differences:
-    """Classify where another implementation's decoded values differ bitwise from the oracle's.
+def classify_decoded(codes, y, other_y, *, quant_type: str = "nf4", absmax=None, blocksize=None,
+                     models=None) -> Differences:
+    """Explain where another implementation's decoded values differ from the oracle's, by models.
+
+    The differences are explained only when a decoder model of ``qlora_ref.variants`` (a real
+    implementation's rules with its own dispatch, Note: bitsandbytes CPU decode paths), run on
+    the same codes and absmax, reproduces ``other_y`` bit for bit; each differing value is then
+    counted under the rule of that model that changed it. NaN equals NaN whatever its payload.
 
     Parameters
     ----------
     codes : ndarray, shape (n,), uint8
         The codes both decoded.
     y, other_y : ndarray, n elements, the same float dtype
+        The oracle's values (in the state's shape: the models' dispatch reads it) and the other's.
+    quant_type : {"nf4", "fp4", "int4"}
+    absmax : ndarray, shape (n_blocks,), float32, optional
+        The absmax both decoded with; without it only the rules that need no absmax are tried.
+    blocksize : int, optional
+        Needed with ``absmax``.
+    models : sequence of str, optional
+        The models to try; default all of ``qlora_ref.variants.DECODE_MODELS``.
+
+    Returns
+    -------
+    Differences
+        ``what="decoded"``; ``models`` lists the models that reproduce ``other_y`` exactly
+        (``"oracle"`` among them when nothing differs).
 
     Examples
     --------
     >>> y = np.array([0.0, 1.0], np.float32)
-    >>> str(classify_decoded(np.array([8, 3], np.uint8), y, np.array([-0.0, 1.0], np.float32), quant_type="fp4"))
-    'decoded: 1 of 2 differ (fp4 negative zero: 1)'
+    >>> d = classify_decoded(np.array([8, 3], np.uint8), y, np.array([-0.0, 1.0], np.float32), quant_type="fp4")
+    >>> str(d), d.models
+    ('decoded: 1 of 2 differ (fp4 negative zero: 1)', ('bitsandbytes cpu scalar',))
     """
-    y, other = np.asarray(y).reshape(-1), np.asarray(other_y).reshape(-1)
+    from qlora_ref.variants import DECODE_MODELS, ORACLE, decode_model, fp4_negative_zero, same_bits
+
+    y = np.asarray(y)
+    other = np.asarray(other_y).reshape(-1)
     if y.dtype != other.dtype or y.size != other.size:
         raise ValueError(f"decoded arrays differ in dtype or size: {y.dtype}/{y.size} and {other.dtype}/{other.size}")
-    uint = np.dtype(f"u{y.dtype.itemsize}")
-    index = np.flatnonzero(y.view(uint) != other.view(uint))
-    c = np.asarray(codes).reshape(-1)[index]
-    a, b = y[index].astype(np.float32), other[index].astype(np.float32)
-    negative_zero = (quant_type == "fp4") & (c == 8) & (a == 0) & (b == 0)
-    return _result("decoded", y.size, index, list(np.where(negative_zero, "fp4 negative zero", UNCLASSIFIED)))
-
+    c = np.asarray(codes).reshape(-1)
+    index = np.flatnonzero(~same_bits(y, other))
+    reproducing = []
+    for model in (DECODE_MODELS if models is None else models):
+        if model == ORACLE:
+            candidate = y
+        elif absmax is not None:
+            candidate = decode_model(model, c, absmax, y.shape, int(blocksize), quant_type, y.dtype)
+        elif DECODE_MODELS[model] == ("fp4 negative zero",):  # the one rule that needs no absmax
+            native = (y.shape[-1] if y.ndim else 1) % 2 == 0 and quant_type == "fp4"
+            candidate = fp4_negative_zero(y.astype(np.float32), c).astype(y.dtype) if native else y
+        else:
+            continue
+        if same_bits(candidate, other).all():
+            reproducing.append(model)
+    classes = np.full(index.size, UNCLASSIFIED, dtype=object)
+    if reproducing and index.size:
+        a, b = y.reshape(-1)[index].astype(np.float32), other[index].astype(np.float32)
+        both_zero = (a == 0) & (b == 0)
+        classes[:] = "row-crossing absmax"
+        classes[(np.abs(a) < np.finfo(np.float32).tiny) & (b == 0)] = "bf16 flush to zero"
+        if quant_type == "fp4":
+            classes[both_zero & (c[index] == 8)] = "fp4 negative zero"
+    return Differences("decoded", y.size, index, classes.astype(str) if index.size else np.array([], dtype=str),
+                       models=tuple(reproducing))

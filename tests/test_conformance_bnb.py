@@ -15,8 +15,10 @@ bitsandbytes' CPU path follows another rule: every difference must fall in a cla
 - ``offset ulp``: bnb's float32 mean of the absmax against the oracle's correctly rounded one.
 - ``offset sum overflow``: bnb's float32 sum of huge absmax values overflows, its offset is inf
   and its nested state is unusable (``from_bnb_state_dict`` refuses it).
-- ``fp4 negative zero``: bnb's C++ CPU kernel without AVX-512 decodes FP4 code 8 as -0.0, its
-  Python fallback (an odd last dimension) as +0.0 like the oracle.
+- decoded values: explained only when the decoder model of ``qlora_ref.variants`` that this
+  machine's bitsandbytes follows (asked by ``tests/bnb_cpu.py``, never assumed) reproduces them
+  exactly: ``fp4 negative zero`` (its native scalar loop), ``row-crossing absmax`` and ``bf16
+  flush to zero`` (its AVX-512 loop, on CPUs that have one).
 
 Known bnb limitation worked around in ``bnb_decode``: ``dequantize_4bit`` transposes its output
 when the packed tensor has one row, which fails for a 3-D shape of one or two elements.
@@ -41,6 +43,9 @@ from qlora_ref.classify import (
 from qlora_ref.double_quant import double_quantize
 from qlora_ref.quantize import dequantize_4bit, quantize_4bit, unpack_4bit
 from qlora_ref.state import BLOCKSIZES
+from bnb_cpu import decode_model as bnb_decode_model
+from qlora_ref.double_quant import dequantize_absmax
+from qlora_ref.variants import DECODE_MODELS
 from strategies import DTYPES, blocksizes, bnb_quant_types, hard_arrays
 from tolerances import assert_bit_equal
 
@@ -134,9 +139,14 @@ def compare_with_bnb(x: np.ndarray, blocksize: int, quant_type: str) -> collecti
         packed_b, state_b = from_bnb_state_dict(theirs)
         assert_same_state_dict(to_bnb_state_dict(packed_b, state_b), theirs)
         codes = unpack_4bit(packed_b, x.size)
+        absmax_b = state_b.absmax if state_b.absmax is not None else dequantize_absmax(state_b.nested)
         for dtype in OUTPUT_DTYPES:
             y = dequantize_4bit(packed_b, state_b, dtype=dtype)
-            diffs.append(classify_decoded(codes, y, bnb_decode(p, qs, dtype).reshape(y.shape), quant_type=quant_type))
+            diff = classify_decoded(codes, y, bnb_decode(p, qs, dtype).reshape(y.shape), quant_type=quant_type,
+                                    absmax=absmax_b, blocksize=blocksize)
+            # The model this machine's bitsandbytes follows (asked, not assumed) reproduces it.
+            assert bnb_decode_model() in diff.models, (str(diff), diff.models, bnb_decode_model())
+            diffs.append(diff)
 
     for diff in diffs:
         assert_classified(diff, x if diff.what == "codes" else None)
@@ -173,9 +183,15 @@ def test_pinned_classes_occur():
     assert counts[("offset", "offset sum overflow")] == 1
     counts = compare_with_bnb(float32_subnormals(), 64, "nf4")
     assert counts[("nested codes", "subnormal nested absmax")] > 0
-    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    # An even last dimension that is not a multiple of 16: the native scalar loop on every CPU.
+    x = np.random.default_rng(0).standard_normal((64, 30)).astype(np.float32)
     counts = compare_with_bnb(x, 64, "fp4")
     assert counts[("decoded", "fp4 negative zero")] > 0
+    # A multiple of 16 with blocks crossing rows: the AVX-512 loop where the CPU has one.
+    x = np.random.default_rng(0).standard_normal((40, 48)).astype(np.float32)
+    counts = compare_with_bnb(x, 32, "nf4")
+    row_crossing = "row-crossing absmax" in DECODE_MODELS[bnb_decode_model()]
+    assert (counts[("decoded", "row-crossing absmax")] > 0) == row_crossing, (bnb_decode_model(), counts)
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
