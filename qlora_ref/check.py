@@ -74,24 +74,36 @@ def machine_info(impls=()) -> dict:
             "implementations": described}
 
 
-def decode_models(rows) -> dict:
-    """Per implementation, the decoder models that reproduce every tensor it decoded.
+def decode_models(rows, kind: str = "decode") -> dict:
+    """Per implementation, the models that reproduce every tensor of one kind it produced.
+
+    Parameters
+    ----------
+    rows : list of Row
+    kind : {"decode", "encode"}
+        Decoded values (``qlora_ref.variants.DECODE_MODELS``), or codes and absmax
+        (``ENCODE_MODELS``).
 
     Returns
     -------
     dict
-        ``{implementation: sorted list of model names}`` for implementations that decoded
-        something; an empty list means no single model explains all of them.
+        ``{implementation: list of model names, the oracle first}`` for implementations that
+        produced such tensors; an empty list means no single model explains all of them.
     """
-    from qlora_ref.variants import DECODE_MODELS
+    from qlora_ref.variants import DECODE_MODELS, ENCODE_MODELS
 
     found: dict = {}
     for r in rows:
-        if r.decode_models is not None:
-            found[r.impl] = r.decode_models if r.impl not in found else found[r.impl] & r.decode_models
-    order = list(DECODE_MODELS)
+        models = getattr(r, f"{kind}_models")
+        if models is not None:
+            found[r.impl] = models if r.impl not in found else found[r.impl] & models
+    order = list(DECODE_MODELS if kind == "decode" else ENCODE_MODELS)
     return {impl: sorted(models, key=order.index) for impl, models in found.items()}
 
+
+def _inconsistent(rows) -> int:
+    """Implementations (times kinds) that no single model explains."""
+    return sum(1 for kind in ("encode", "decode") for m in decode_models(rows, kind).values() if not m)
 
 
 def _group(case) -> str:
@@ -302,12 +314,22 @@ def format_report(rows, impls, *, elapsed_s: float | None = None, machine: dict 
     for r in rows:
         for note in r.notes:
             lines.append(f"  {r.impl}: {note}")
-    for impl, models in decode_models(rows).items():
-        if models:
-            lines.append(f"{impl}: decoded values reproduced by the model {models[0]!r}")
-        else:
-            total += 1
-            lines.append(f"{impl}: no single decoder model reproduces every decoded tensor (unexplained)")
+    diagnosed: dict = {}
+    for r in rows:
+        for d in r.diagnoses:
+            found = diagnosed.setdefault(r.impl, [])
+            if d not in found:
+                found.append(d)
+    for impl, found in diagnosed.items():
+        for d in found:
+            lines.append(f"{impl}: diagnosis: {d}")
+    for kind, what in (("encode", "codes and absmax"), ("decode", "decoded values")):
+        for impl, models in decode_models(rows, kind).items():
+            if models:
+                lines.append(f"{impl}: {what} reproduced by the model {models[0]!r}")
+            else:
+                total += 1
+                lines.append(f"{impl}: no single model reproduces all its {what} (unexplained)")
     if machine is not None:
         features = machine["cpu features"]
         listed = " ".join(f"{k}" if v else f"no-{k}" for k, v in features.items()) or "unknown"
@@ -338,15 +360,17 @@ def _run(args) -> int:
     rows = check_implementations(impls, vectors_root=args.vectors, use_vectors=not args.no_vectors,
                                  seed=args.seed, rounds=args.rounds, per_case=args.per_case)
     elapsed_s = time.perf_counter() - start
-    models = decode_models(rows)
-    unexplained = sum(r.unexplained for r in rows) + sum(1 for m in models.values() if not m)
+    models = {kind: decode_models(rows, kind) for kind in ("encode", "decode")}
+    unexplained = sum(r.unexplained for r in rows) + _inconsistent(rows)
     explained = sum(sum(r.classes.values()) for r in rows)
     machine = machine_info(impls)
     if args.json:
         print(json.dumps({
             "format_version": 2,
             "implementations": {i.name: {"available": i.available, "reason": i.reason,
-                                         "decode_model": (models.get(i.name) or [None])[0]} for i in impls},
+                                         "encode_model": (models["encode"].get(i.name) or [None])[0],
+                                         "decode_model": (models["decode"].get(i.name) or [None])[0]}
+                                for i in impls},
             "rows": [r.as_dict() for r in rows],
             "unexplained": unexplained,
             "explained": explained,

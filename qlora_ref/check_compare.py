@@ -81,9 +81,12 @@ class Row:
         Cases the implementation does not support.
     notes : list of str
         What went wrong where, for the unexplained differences and errors.
-    decode_models : set of str or None
-        The decoder models (``qlora_ref.variants``) that reproduce every decoded tensor of the
-        row; None when nothing was decoded.
+    decode_models, encode_models : set of str or None
+        The decoder (encoder) models of ``qlora_ref.variants`` that reproduce every decoded
+        tensor (every tensor of codes and absmax) of the row; None when there was none.
+    diagnoses : list of str
+        The known defects (``qlora_ref.variants``) that reproduce unexplained differences
+        exactly, each once.
     """
 
     impl: str
@@ -96,15 +99,21 @@ class Row:
     skipped: int = 0
     notes: list = field(default_factory=list)
     decode_models: set | None = None
+    encode_models: set | None = None
+    diagnoses: list = field(default_factory=list)
     _keys: set = field(default_factory=set, repr=False)
 
     def add(self, diff: Differences, where: str) -> None:
         """Count one comparison's differences by class."""
         self.compared += diff.compared
         self.exact += diff.compared - diff.index.size
+        if diff.diagnosis and diff.diagnosis not in self.diagnoses:
+            self.diagnoses.append(diff.diagnosis)
         if diff.models is not None:
             models = set(diff.models)
-            self.decode_models = models if self.decode_models is None else self.decode_models & models
+            kind = "decode_models" if diff.what == "decoded" else "encode_models"
+            seen = getattr(self, kind)
+            setattr(self, kind, models if seen is None else seen & models)
         for name, n in diff.counts().items():
             if name == UNCLASSIFIED:
                 self.unexplained += n
@@ -134,7 +143,9 @@ class Row:
         return {"impl": self.impl, "group": self.group, "cases": self.cases, "compared": self.compared,
                 "exact": self.exact, "classes": dict(sorted(self.classes.items())),
                 "unexplained": self.unexplained, "skipped": self.skipped, "notes": list(self.notes),
-                "decode_models": None if self.decode_models is None else sorted(self.decode_models)}
+                "decode_models": None if self.decode_models is None else sorted(self.decode_models),
+                "encode_models": None if self.encode_models is None else sorted(self.encode_models),
+                "diagnoses": list(self.diagnoses)}
 
 
 def _exact(what: str, expected, actual) -> Differences:
@@ -184,7 +195,8 @@ def check_quantize(impl, x, params, arrays, row: Row, name: str) -> None:
             diff = classify_packed(x, arrays["packed"], packed_i, blocksize=bs, quant_type=qt)
             row.add(diff, f"{name} codes")
             hint = _diagnose_nibbles(arrays["packed"], packed_i, n) if diff.unclassified else None
-            if hint:
+            if hint and hint.split(" (")[0] not in row.diagnoses:
+                row.diagnoses.append(hint.split(" (")[0])
                 row.note(f"{name}: {hint}", key="nibbles")
         absmax_i = _absmax_of(second)
         if absmax_i is not None:

@@ -17,7 +17,7 @@ Note: bitsandbytes CPU decode paths
        2048 and torch reports the AVX-512 capability: the oracle's rule exactly, in float32,
        then cast (a 1-D shape stays 1-D).
     2. The native library's scalar loop: the oracle's values, except that FP4 code 8 is
-       written as -0.0 (``fp4 negative zero``). Every even last dimension on a CPU without
+       written as ``-(0 * absmax)``, -0.0 under a positive absmax (``fp4 negative zero``). Every even last dimension on a CPU without
        AVX-512; on an AVX-512 CPU, last dimensions that are not a multiple of 16.
     3. The native library's AVX-512 loop (the native library picks it by the CPU itself, no
        setting changes it), for last dimensions that are a multiple of 16. It views the tensor
@@ -53,6 +53,16 @@ __all__ = [
     "fp4_negative_zero",
     "same_bits",
     "probe_decode_model",
+    "ENCODE_MODELS",
+    "encode_model",
+    "reproduced_blocks",
+    "ENCODE_DEFECTS",
+    "DECODE_DEFECTS",
+    "encode_defect",
+    "decode_defect",
+    "diagnose_codes",
+    "diagnose_absmax",
+    "diagnose_decoded",
 ]
 
 #: The model that is the oracle itself.
@@ -115,15 +125,19 @@ def flush_subnormals_to_zero(y32: np.ndarray) -> np.ndarray:
 
 
 def fp4_negative_zero(y32: np.ndarray, codes) -> np.ndarray:
-    """Write FP4 code 8 (sign bit set, magnitude 0) as -0.0.
+    """Decode FP4 code 8 (sign bit set, magnitude 0) as ``-(0 * absmax)``: the oracle's value negated.
+
+    bitsandbytes' scalar loop applies the sign bit after the product, so code 8 is -0.0 under a
+    positive absmax and +0.0 under a negative one (a double-quantized absmax can be negative).
 
     Examples
     --------
-    >>> fp4_negative_zero(np.zeros(2, np.float32), np.array([8, 0], np.uint8)).tolist()
-    [-0.0, 0.0]
+    >>> fp4_negative_zero(np.array([0.0, -0.0, 0.0], np.float32), np.array([8, 8, 0], np.uint8)).tolist()
+    [-0.0, 0.0, 0.0]
     """
     y = np.array(y32, dtype=np.float32)
-    y[np.asarray(codes).reshape(-1) == 8] = np.float32(-0.0)
+    eight = np.asarray(codes).reshape(-1) == 8
+    y[eight] = -y[eight]
     return y
 
 
@@ -242,3 +256,286 @@ def probe_decode_model(dequantize) -> str | None:
             candidates = [m for m in candidates
                           if same_bits(decode_model(m, codes, absmax, shape, blocksize, "fp4", dtype), y).all()]
     return candidates[0] if candidates else None
+
+
+# ----------------------------------------------------------------------------- encoding
+
+#: The encoder models and the rules each applies (Note: encoder models).
+ENCODE_MODELS = {
+    ORACLE: (),
+    "bitsandbytes cpu": ("absmax clamp 1e-38", "partial block division"),
+    "bitsandbytes cuda": ("all-zero block", "cuda fp4 thresholds", "approximate reciprocal"),
+}
+_CLAMP = np.float32(1e-38)
+#: bitsandbytes' CUDA FP4 encoder compares |x| strictly against these decimal literals (as
+#: float32) to pick the magnitude codes 0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011.
+CUDA_FP4_THRESHOLDS = np.array(
+    [0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333], dtype=np.float32
+)
+_CUDA_FP4_MAGNITUDE_CODES = np.array([0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011], dtype=np.uint8)
+
+
+def _nearest_codes(s: np.ndarray, quant_type: str) -> np.ndarray:
+    """The oracle's rule on scaled float32 values: midpoints strictly below, ties to the lower entry."""
+    from qlora_ref.quantize import _sorted_midpoints
+
+    midpoints, order = _sorted_midpoints(codebook(quant_type))
+    return order[np.searchsorted(midpoints, s, side="left")].astype(np.uint8)
+
+
+def encode_model(model: str, x, blocksize: int, quant_type: str) -> tuple[list, np.ndarray]:
+    """Encode as a model of ``ENCODE_MODELS`` does.
+
+    Note: encoder models
+        - ``oracle``: ``qlora_ref.quantize`` (Note: quantization semantics).
+        - ``bitsandbytes cpu`` (0.50, every CPU): the absmax is clamped to at least 1e-38
+          before its reciprocal (``absmax clamp 1e-38``; the clamped value is also what a
+          partial last block stores), and a partial last block is scaled by a float32
+          division ``x / absmax`` (``partial block division``).
+        - ``bitsandbytes cuda``: an all-zero block gets code 0 (``all-zero block``), FP4 is
+          encoded by a tree of strict comparisons against truncated decimal thresholds with the
+          sign from ``x < 0`` (``cuda fp4 thresholds``), and fast math may put the reciprocal
+          one float32 ulp off (``approximate reciprocal``): each block may use the correct
+          reciprocal or either neighbour, so the model has three candidates per block.
+
+    Parameters
+    ----------
+    model : str
+    x : ndarray, any shape, float32, float16 or bfloat16
+    blocksize : int
+    quant_type : {"nf4", "fp4", "int4"}
+
+    Returns
+    -------
+    candidates : list of ndarray, each shape (n,), uint8
+        A block is reproduced when the other implementation's codes of that block equal the
+        block of ANY candidate (one candidate unless the model leaves a per-block choice).
+    absmax : ndarray, shape (n_blocks,), float32
+        The absmax the model stores.
+
+    Examples
+    --------
+    >>> x = np.array([1e-39, -2e-39, 0.5], np.float32)     # a block of tiny values
+    >>> [c.tolist() for c in encode_model("bitsandbytes cpu", x, 2, "nf4")[0]]   # scaled by 1/1e-38
+    [[8, 5, 15]]
+    >>> [c.tolist() for c in encode_model("oracle", x, 2, "nf4")[0]]   # 1/2e-39 overflows: end codes
+    [[15, 0, 15]]
+    """
+    from qlora_ref.quantize import blockwise_absmax, encode_4bit
+
+    rules = ENCODE_MODELS[model]
+    x32 = np.asarray(x).astype(np.float32).reshape(-1)
+    n = x32.size
+    absmax = blockwise_absmax(x32, blocksize)  # (n_blocks,)
+    if model == ORACLE:
+        return [encode_4bit(x32, absmax, blocksize, quant_type)], absmax
+    block = np.arange(n) // blocksize  # (n,) block of each element
+    a = absmax[block]
+    zero = codebook(quant_type)
+    zero_code = int(np.flatnonzero(zero == 0)[0])
+    stored = absmax.copy()
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore"):
+        if "absmax clamp 1e-38" in rules:
+            clamped = np.maximum(a, _CLAMP)
+            partial = block == n // blocksize  # elements of a partial last block (none if n % blocksize == 0)
+            s = np.where(partial, x32 / clamped, x32 * (np.float32(1) / clamped))
+            if n % blocksize:
+                stored[-1] = max(stored[-1], _CLAMP)
+            codes = _nearest_codes(s, quant_type)
+            codes[x32 == 0] = zero_code
+            return [codes], stored
+        reciprocals = [np.float32(1) / a]
+        if "approximate reciprocal" in rules:
+            reciprocals += [np.nextafter(reciprocals[0], np.float32(np.inf)),
+                            np.nextafter(reciprocals[0], np.float32(-np.inf))]
+        candidates = []
+        for r in reciprocals:
+            s = x32 * r
+            if "cuda fp4 thresholds" in rules and quant_type == "fp4":
+                magnitude = _CUDA_FP4_MAGNITUDE_CODES[np.searchsorted(CUDA_FP4_THRESHOLDS, np.abs(s), side="left")]
+                codes = magnitude | np.where(s < 0, np.uint8(8), np.uint8(0))
+            else:
+                codes = _nearest_codes(s, quant_type)
+                codes[x32 == 0] = zero_code
+            if "all-zero block" in rules:
+                codes[a == 0] = 0
+            candidates.append(codes.astype(np.uint8))
+    return candidates, stored
+
+
+def reproduced_blocks(model: str, x, other_codes, blocksize: int, quant_type: str) -> np.ndarray:
+    """Per block: does the model reproduce the other implementation's codes of that block exactly?
+
+    Returns
+    -------
+    ndarray, shape (n_blocks,), bool
+
+    Examples
+    --------
+    >>> x = np.zeros(4, np.float32)
+    >>> reproduced_blocks("bitsandbytes cuda", x, np.zeros(4, np.uint8), 2, "nf4").tolist()
+    [True, True]
+    """
+    other = np.asarray(other_codes).reshape(-1)
+    n = other.size
+    n_blocks = -(-n // blocksize)
+    ok = np.zeros(n_blocks, dtype=bool)
+    pad = n_blocks * blocksize - n
+    for codes in encode_model(model, x, blocksize, quant_type)[0]:
+        same = np.concatenate([codes == other, np.ones(pad, dtype=bool)]).reshape(n_blocks, blocksize)
+        ok |= same.all(axis=1)
+    return ok
+
+
+# ----------------------------------------------------------------------------- diagnoses
+#
+# Known DEFECTS: rules no real implementation follows, but that broken ones do. They never
+# explain a difference; when one reproduces an unexplained tensor exactly, check names it.
+
+
+def _table_defect(name: str, quant_type: str) -> np.ndarray | None:
+    from qlora_ref.codebooks import normal_float_codebook
+
+    if name == "codebook rounded to 4 decimals":
+        return np.round(codebook(quant_type).astype(np.float64), 4).astype(np.float32)
+    if name == "NF4 codebook from a float64 pipeline" and quant_type == "nf4":
+        return normal_float_codebook(4, pipeline="float64")
+    return None
+
+
+#: Encoder defects: name -> what goes wrong.
+ENCODE_DEFECTS = {
+    "ties to the upper code": "a value exactly on a midpoint takes the upper entry",
+    "scaling by float32 division": "x / absmax instead of x * float32(1 / absmax)",
+    "scaling in float64": "the float64 quotient x / absmax instead of float32 arithmetic",
+    "NF4 codebook from a float64 pipeline": "NF4 values computed in float64 (off by up to a few ulp)",
+    "codebook rounded to 4 decimals": "the codebook as printed in papers",
+}
+#: Decoder defects: name -> what goes wrong.
+DECODE_DEFECTS = {
+    "product rounded once from float64": "the float64 product rounded straight to the output dtype (no float32 step)",
+    "bfloat16 by truncation": "float32 to bfloat16 by dropping the low 16 bits",
+    "NF4 codebook from a float64 pipeline": "NF4 values computed in float64 (off by up to a few ulp)",
+    "codebook rounded to 4 decimals": "the codebook as printed in papers",
+}
+
+
+def encode_defect(name: str, x, blocksize: int, quant_type: str) -> np.ndarray | None:
+    """Codes as an encoder with the defect ``name`` of ``ENCODE_DEFECTS`` gives them (None if n/a).
+
+    Examples
+    --------
+    >>> t = codebook("nf4")
+    >>> x = np.array([(t[14] + t[15]) / np.float32(2), 1.0], np.float32)   # a midpoint, exactly
+    >>> encode_defect("ties to the upper code", x, 64, "nf4").tolist(), encode_model("oracle", x, 64, "nf4")[0][0].tolist()
+    ([15, 15], [14, 15])
+    """
+    from qlora_ref.quantize import _sorted_midpoints, blockwise_absmax
+
+    x32 = np.asarray(x).astype(np.float32).reshape(-1)
+    absmax = blockwise_absmax(x32, blocksize)
+    a = absmax[np.arange(x32.size) // blocksize]
+    table = _table_defect(name, quant_type)
+    if name in ("NF4 codebook from a float64 pipeline", "codebook rounded to 4 decimals") and table is None:
+        return None
+    table = codebook(quant_type) if table is None else table
+    midpoints, order = _sorted_midpoints(table)
+    side = "right" if name == "ties to the upper code" else "left"
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore"):
+        if name == "scaling by float32 division":
+            s = x32 / a
+        elif name == "scaling in float64":
+            s = x32.astype(np.float64) / a.astype(np.float64)
+            midpoints = midpoints.astype(np.float64)
+        else:
+            s = x32 * (np.float32(1) / a)
+        codes = order[np.searchsorted(midpoints, s, side=side)].astype(np.uint8)
+    codes[x32 == 0] = int(np.flatnonzero(table == 0)[0])
+    return codes
+
+
+def diagnose_codes(x, other_codes, blocksize: int, quant_type: str) -> str | None:
+    """Name the defect that reproduces unexplained codes exactly, if one does.
+
+    Examples
+    --------
+    >>> x = np.array([0.0, 0.5, 1.0], np.float32)
+    >>> diagnose_codes(x, np.array([0, 12, 15], np.uint8), 64, "nf4")
+    'zeros encoded as code 0 (the zero code is 7)'
+    """
+    x32 = np.asarray(x).astype(np.float32).reshape(-1)
+    other = np.asarray(other_codes).reshape(-1)
+    for name, what in ENCODE_DEFECTS.items():
+        codes = encode_defect(name, x32, blocksize, quant_type)
+        if codes is not None and np.array_equal(codes, other):
+            return f"codes follow the defect {name!r}: {what}"
+    oracle = encode_model(ORACLE, x32, blocksize, quant_type)[0][0]
+    differ = oracle != other
+    zeros = x32 == 0
+    if differ.any() and not (differ & ~zeros).any() and np.unique(other[zeros & differ]).size == 1:
+        zero = int(np.flatnonzero(codebook(quant_type) == 0)[0])
+        return f"zeros encoded as code {int(other[zeros & differ][0])} (the zero code is {zero})"
+    return None
+
+
+def diagnose_absmax(x, other_absmax, blocksize: int) -> str | None:
+    """Name the defect that reproduces an unexplained absmax exactly, if one does.
+
+    Examples
+    --------
+    >>> x = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    >>> diagnose_absmax(x, np.array([3.0, 4.0], np.float32), 2)
+    'absmax over blocksize + 1 elements: an off-by-one block boundary'
+    """
+    x32 = np.abs(np.asarray(x).astype(np.float32).reshape(-1))
+    other = np.asarray(other_absmax, dtype=np.float32).reshape(-1)
+    starts = np.arange(other.size) * blocksize
+    wide = np.array([x32[s:s + blocksize + 1].max(initial=0) for s in starts], dtype=np.float32)
+    if same_bits(wide, other).all():
+        return "absmax over blocksize + 1 elements: an off-by-one block boundary"
+    return None
+
+
+def decode_defect(name: str, codes, absmax, shape, blocksize: int, quant_type: str, dtype) -> np.ndarray | None:
+    """Values as a decoder with the defect ``name`` of ``DECODE_DEFECTS`` gives them (None if n/a).
+
+    Examples
+    --------
+    >>> y = decode_defect("bfloat16 by truncation", np.array([13], np.uint8), np.array([1.0], np.float32),
+    ...                   (1,), 64, "nf4", "bfloat16")
+    >>> float(y[0]), float(decode_model("oracle", np.array([13], np.uint8), np.array([1.0], np.float32),
+    ...                                 (1,), 64, "nf4", "bfloat16")[0])
+    (0.5625, 0.5625)
+    """
+    out = numpy_dtype(dtype)
+    codes = np.asarray(codes).reshape(-1)
+    absmax = np.asarray(absmax, dtype=np.float32).reshape(-1)
+    table = _table_defect(name, quant_type)
+    if name in ("NF4 codebook from a float64 pipeline", "codebook rounded to 4 decimals"):
+        if table is None:
+            return None
+        return decode_4bit(codes, absmax, blocksize, table).astype(out).reshape(shape)
+    block = np.arange(codes.size) // blocksize
+    if name == "product rounded once from float64":
+        y = codebook(quant_type).astype(np.float64)[codes] * absmax.astype(np.float64)[block]
+        if out == np.float32 or out == np.float64:
+            return None
+        if out == numpy_dtype("bfloat16"):
+            return None  # ml_dtypes rounds float64 to bfloat16 through float32: no second path
+        with np.errstate(over="ignore"):
+            return y.astype(out).reshape(shape)
+    if name == "bfloat16 by truncation":
+        if out != numpy_dtype("bfloat16"):
+            return None
+        y32 = decode_4bit(codes, absmax, blocksize, codebook(quant_type))
+        return (y32.view(np.uint32) >> 16).astype(np.uint16).view(out).reshape(shape)
+    raise KeyError(name)
+
+
+def diagnose_decoded(codes, absmax, shape, blocksize: int, quant_type: str, dtype, other) -> str | None:
+    """Name the decoder defect that reproduces unexplained decoded values exactly, if one does."""
+    for name, what in DECODE_DEFECTS.items():
+        y = decode_defect(name, codes, absmax, shape, blocksize, quant_type, dtype)
+        if y is not None and same_bits(y, other).all():
+            return f"decoded values follow the defect {name!r}: {what}"
+    return None

@@ -148,6 +148,8 @@ def compare_with_bnb(x: np.ndarray, blocksize: int, quant_type: str) -> collecti
             assert bnb_decode_model() in diff.models, (str(diff), diff.models, bnb_decode_model())
             diffs.append(diff)
 
+    for diff in diffs[:2]:  # the first level: bitsandbytes' CPU encoder model reproduces it
+        assert "bitsandbytes cpu" in diff.models, (str(diff), diff.models)
     for diff in diffs:
         assert_classified(diff, x if diff.what == "codes" else None)
         counts.update({(diff.what, name): n for name, n in diff.counts().items()})
