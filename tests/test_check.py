@@ -132,28 +132,33 @@ def test_swapped_nibbles_is_unexplained_and_diagnosed(capsys):
     assert "nibbles are swapped" in capsys.readouterr().out
 
 
-def test_ties_up_is_classified_as_ties():
+def test_ties_up_is_unexplained():
+    # No real implementation rounds ties upward: no model reproduces it.
     rows = _check("test_check:ties_up")
+    unexplained, _ = _totals(rows)
+    assert unexplained > 0, format_report(rows, [])
+    assert main(["check", "test_check:ties_up", "--no-vectors", "--no-time"]) == 1
+
+
+def test_float64_scaling_is_unexplained():
+    """Exact float64 quotients instead of the float32 reciprocal: near midpoints, and where the
+    float32 reciprocal of a subnormal absmax overflows, the codes follow no real implementation."""
+    rows = _check("test_check:float64_scaling", rounds=0)
+    assert _totals(rows)[0] > 0, format_report(rows, [])
+
+
+def bnb_cpu_encoder(x, blocksize, quant_type):
+    """bitsandbytes' CPU encoder rules (the oracle's model of them), in the user protocol."""
+    from qlora_ref.conformance.variants import encode_model
+
+    (codes,), absmax = encode_model("bitsandbytes cpu", x, blocksize, quant_type)
+    return pack_4bit(codes, quant_type), absmax
+
+
+def test_a_known_implementations_rules_are_explained_by_its_model():
+    rows = _check("test_check:bnb_cpu_encoder")
     unexplained, classes = _totals(rows)
-    assert unexplained == 0, format_report(rows, [])
-    # Exact ties (x / absmax is a midpoint) are ties; a float32 product that only rounds onto a
-    # midpoint is also what a reciprocal one ulp up would give, and keeps that class.
-    assert set(classes) <= {"tie on a midpoint", "approximate reciprocal", "partial block division"}, classes
-    assert classes["tie on a midpoint"] > max(v for k, v in classes.items() if k != "tie on a midpoint"), classes
-
-
-def test_float64_scaling_is_classified_as_scaling_near_a_midpoint():
-    """Exact float64 quotients instead of the float32 reciprocal: on normal data every difference
-    is a scaling decision near a midpoint; where the float32 reciprocal of a subnormal absmax
-    overflows, the codes are the exact quotient's (``reciprocal overflow``)."""
-    rows = _check("test_check:float64_scaling", rounds=0, per_case=True)
-    normal = [r for r in rows if not r.group.startswith(("subnormal", "largest"))]
-    unexplained, classes = _totals(normal)
-    assert unexplained == 0, format_report(normal, [])
-    assert classes.get("approximate reciprocal", 0) > 0, classes
-    assert set(classes) <= {"approximate reciprocal", "partial block division"}, classes
-    unexplained, classes = _totals([r for r in rows if r.group.startswith("subnormal")])
-    assert unexplained == 0 and classes.get("reciprocal overflow", 0) > 0, classes
+    assert unexplained == 0 and classes.get("absmax clamp 1e-38", 0) > 0, format_report(rows, [])
 
 
 def test_rounded_table_decode_is_unexplained_but_a_correct_decoder_is_exact():
@@ -164,9 +169,42 @@ def test_rounded_table_decode_is_unexplained_but_a_correct_decoder_is_exact():
     assert sum(r.compared for r in good) > 100_000
 
 
+def mixed_models(x, blocksize, quant_type):
+    """bitsandbytes' CPU rules for FP4, its CUDA rules for NF4: each case is explained by some
+    model, but no ONE model explains the implementation."""
+    from qlora_ref.conformance.variants import encode_model
+
+    model = "bitsandbytes cpu" if quant_type == "fp4" else "bitsandbytes cuda"
+    codes, absmax = encode_model(model, x, blocksize, quant_type)
+    return pack_4bit(codes[0], quant_type), absmax
+
+
+def test_one_model_must_explain_the_whole_implementation(capsys):
+    rows = _check("test_check:mixed_models", use_vectors=False)
+    assert _totals(rows)[0] == 0  # case by case, every difference has a model
+    assert main(["check", "test_check:mixed_models", "--no-vectors", "--no-time"]) == 1
+    assert "no single model reproduces all its codes and absmax" in capsys.readouterr().out
+
+
+def test_offset_tolerance_is_stated_in_ulps_and_catches_a_wrong_divisor():
+    from qlora_ref.conformance.classify import classify_offset, offset_tolerance_ulp
+
+    absmax = np.random.default_rng(0).uniform(0.5, 1.0, 8192).astype(np.float32)
+    exact = np.float32(absmax.astype(np.float64).mean())
+    assert offset_tolerance_ulp(absmax.size) == 14
+    near = exact
+    for _ in range(14):
+        near = np.nextafter(near, np.float32(2))
+    assert classify_offset(absmax, exact, near).counts() == {"offset ulp": 1}
+    assert classify_offset(absmax, exact, np.nextafter(near, np.float32(2))).unclassified == 1
+    wrong = np.float32(absmax.astype(np.float64).sum() / (absmax.size + 1))  # 2^11 ulps away
+    d = classify_offset(absmax, exact, wrong)
+    assert d.unclassified == 1 and d.diagnosis == "the offset is the sum divided by n + 1"
+
+
 def test_strict_fails_on_classified_differences(capsys):
-    assert main(["check", "test_check:ties_up", "--no-vectors", "--no-time"]) == 0
-    assert main(["check", "test_check:ties_up", "--no-vectors", "--strict"]) == 1
+    assert main(["check", "test_check:bnb_cpu_encoder", "--no-vectors", "--no-time"]) == 0
+    assert main(["check", "test_check:bnb_cpu_encoder", "--no-vectors", "--strict"]) == 1
     capsys.readouterr()
 
 
@@ -178,11 +216,13 @@ def test_nf4_only_function_is_checked_on_nf4_only():
 
 
 def test_json_output(capsys):
-    assert main(["check", "oracle", "test_check:ties_up", "--json", "--no-vectors"]) == 0
+    assert main(["check", "oracle", "test_check:bnb_cpu_encoder", "--json", "--no-vectors"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["unexplained"] == 0 and out["explained"] > 0
-    assert {r["impl"] for r in out["rows"]} == {"oracle", "test_check:ties_up"}
+    assert {r["impl"] for r in out["rows"]} == {"oracle", "test_check:bnb_cpu_encoder"}
     assert out["implementations"]["oracle"]["available"] is True
+    assert out["implementations"]["test_check:bnb_cpu_encoder"]["encode_model"] == "bitsandbytes cpu"
+    assert set(out["machine"]) >= {"cpu features", "implementations", "python", "numpy"}
 
 
 def test_bad_specs_are_usage_errors(capsys):
@@ -194,13 +234,12 @@ def test_bad_specs_are_usage_errors(capsys):
     assert "neither a registered provider" in err and "no attribute" in err
 
 
+def quantize_that_crashes(x, blocksize, quant_type):
+    raise RuntimeError("kaput")
+
+
 def test_crash_counts_against_the_implementation():
-    def boom(x, blocksize, quant_type):
-        raise RuntimeError("kaput")
-
-    from qlora_ref.conformance.implementations import _from_functions
-
-    rows = check_implementations([_from_functions("boom", boom, None)], rounds=0)
+    rows = check_implementations([resolve("test_check:quantize_that_crashes")], rounds=0)
     assert _totals(rows)[0] > 0
     assert any("RuntimeError: kaput" in n for r in rows for n in r.notes)
 
@@ -257,9 +296,9 @@ class BitsAndBytesViaTorch:
                               state2=s2, **kw)
         with torch.compiler.set_stance("force_eager"):  # bnb compiles its odd-shape CPU fallback
             y = F.dequantize_4bit(torch.from_numpy(np.asarray(packed).reshape(-1, 1).copy()), qs)
-        if y.dtype == torch.bfloat16:
-            return y.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return y.numpy()
+        from qlora_gpu.state import tensor_to_numpy  # torch is there: the class asked for it
+
+        return tensor_to_numpy(y)
 
 
 def test_bitsandbytes_cpu_has_only_named_differences():

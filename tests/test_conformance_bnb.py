@@ -15,8 +15,10 @@ bitsandbytes' CPU path follows another rule: every difference must fall in a cla
 - ``offset ulp``: bnb's float32 mean of the absmax against the oracle's correctly rounded one.
 - ``offset sum overflow``: bnb's float32 sum of huge absmax values overflows, its offset is inf
   and its nested state is unusable (``from_bnb_state_dict`` refuses it).
-- ``fp4 negative zero``: bnb's C++ CPU kernel without AVX-512 decodes FP4 code 8 as -0.0, its
-  Python fallback (an odd last dimension) as +0.0 like the oracle.
+- decoded values: explained only when the decoder model of ``qlora_ref.conformance.variants`` that this
+  machine's bitsandbytes follows (asked by ``tests/bnb_cpu.py``, never assumed) reproduces them
+  exactly: ``fp4 negative zero`` (its native scalar loop), ``row-crossing absmax`` and ``bf16
+  flush to zero`` (its AVX-512 loop, on CPUs that have one).
 
 Known bnb limitation worked around in ``bnb_decode``: ``dequantize_4bit`` transposes its output
 when the packed tensor has one row, which fails for a 3-D shape of one or two elements.
@@ -27,6 +29,7 @@ import collections
 import ml_dtypes
 import numpy as np
 import pytest
+from bnb_cpu import decode_model as bnb_decode_model
 from hypothesis import example, given
 from strategies import DTYPES, blocksizes, bnb_quant_types, hard_arrays
 from tolerances import assert_bit_equal
@@ -41,13 +44,16 @@ from qlora_ref.conformance.classify import (
     classify_offset,
     classify_packed,
 )
-from qlora_ref.double_quant import double_quantize
+from qlora_ref.conformance.variants import DECODE_MODELS
+from qlora_ref.double_quant import dequantize_absmax, double_quantize
 from qlora_ref.formats.bnb import from_bnb_state_dict, to_bnb_state_dict
 from qlora_ref.state import BLOCKSIZES
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as F  # noqa: E402
+
+from qlora_gpu.state import tensor_from_numpy, tensor_to_numpy  # noqa: E402
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -60,23 +66,10 @@ def eager_bitsandbytes():
         yield
 
 
-def to_torch(x: np.ndarray):
-    if x.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
-def to_numpy(t) -> np.ndarray:
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
 def bnb_state_dict(packed_t, qs) -> dict:
     """bitsandbytes' own layer entries (what Linear4bit writes), keys relative to the layer."""
-    d = {"weight": to_numpy(packed_t)}
-    d.update({"weight." + k: to_numpy(v) for k, v in qs.as_dict(packed=True).items()})
+    d = {"weight": tensor_to_numpy(packed_t)}
+    d.update({"weight." + k: tensor_to_numpy(v) for k, v in qs.as_dict(packed=True).items()})
     return d
 
 
@@ -86,7 +79,7 @@ def bnb_decode(packed_t, qs, dtype: str) -> np.ndarray:
     if packed_t.shape[0] == 1 and len(qs.shape) > 2:  # see the module docstring
         qs.shape = torch.Size([int(np.prod(qs.shape))])
     try:
-        return to_numpy(F.dequantize_4bit(packed_t, qs))
+        return tensor_to_numpy(F.dequantize_4bit(packed_t, qs))
     finally:
         qs.dtype, qs.shape = saved
 
@@ -107,26 +100,26 @@ def assert_same_state_dict(ours: dict, theirs: dict) -> None:
 def compare_with_bnb(x: np.ndarray, blocksize: int, quant_type: str) -> collections.Counter:
     """Run every comparison for one input; return the counts of the difference classes."""
     counts = collections.Counter()
-    t = to_torch(x)
+    t = tensor_from_numpy(x)
     p0, s0 = F.quantize_4bit(t, blocksize=blocksize, quant_type=quant_type, compress_statistics=False)
     p1, s1 = F.quantize_4bit(t, blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
-    assert_bit_equal(to_numpy(p1), to_numpy(p0), "bnb packed with and without double quantization")
+    assert_bit_equal(tensor_to_numpy(p1), tensor_to_numpy(p0), "bnb packed with and without double quantization")
 
     # First level: packed bytes and absmax.
     packed, state = quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
-    diffs = [classify_packed(x, packed, to_numpy(p0), blocksize=blocksize, quant_type=quant_type),
-             classify_absmax(x, state.absmax, to_numpy(s0.absmax), blocksize=blocksize)]
+    diffs = [classify_packed(x, packed, tensor_to_numpy(p0), blocksize=blocksize, quant_type=quant_type),
+             classify_absmax(x, state.absmax, tensor_to_numpy(s0.absmax), blocksize=blocksize)]
 
     # Double quantization of bnb's own first-level absmax: the offset, then (given bnb's
     # offset, to isolate the encoding) the nested absmax exactly and the nested codes classified.
-    absmax = to_numpy(s0.absmax)
-    theirs_offset = to_numpy(s1.offset)[()]
+    absmax = tensor_to_numpy(s0.absmax)
+    theirs_offset = tensor_to_numpy(s1.offset)[()]
     diffs.append(classify_offset(absmax, double_quantize(absmax).offset, theirs_offset))
     states = [(p0, s0)]
     if np.isfinite(theirs_offset):
         nested = double_quantize(absmax, offset=theirs_offset)
-        assert_bit_equal(nested.absmax, to_numpy(s1.state2.absmax), "nested absmax")
-        diffs.append(classify_nested_codes(absmax - nested.offset, nested.codes, to_numpy(s1.absmax)))
+        assert_bit_equal(nested.absmax, tensor_to_numpy(s1.state2.absmax), "nested absmax")
+        diffs.append(classify_nested_codes(absmax - nested.offset, nested.codes, tensor_to_numpy(s1.absmax)))
         states.append((p1, s1))
 
     # bitsandbytes' own states: the file entries round-trip, and decode bit for bit.
@@ -135,10 +128,17 @@ def compare_with_bnb(x: np.ndarray, blocksize: int, quant_type: str) -> collecti
         packed_b, state_b = from_bnb_state_dict(theirs)
         assert_same_state_dict(to_bnb_state_dict(packed_b, state_b), theirs)
         codes = unpack_4bit(packed_b, x.size)
+        absmax_b = state_b.absmax if state_b.absmax is not None else dequantize_absmax(state_b.nested)
         for dtype in OUTPUT_DTYPES:
             y = dequantize_4bit(packed_b, state_b, dtype=dtype)
-            diffs.append(classify_decoded(codes, y, bnb_decode(p, qs, dtype).reshape(y.shape), quant_type=quant_type))
+            diff = classify_decoded(codes, y, bnb_decode(p, qs, dtype).reshape(y.shape), quant_type=quant_type,
+                                    absmax=absmax_b, blocksize=blocksize)
+            # The model this machine's bitsandbytes follows (asked, not assumed) reproduces it.
+            assert bnb_decode_model() in diff.models, (str(diff), diff.models, bnb_decode_model())
+            diffs.append(diff)
 
+    for diff in diffs[:2]:  # the first level: bitsandbytes' CPU encoder model reproduces it
+        assert "bitsandbytes cpu" in diff.models, (str(diff), diff.models)
     for diff in diffs:
         assert_classified(diff, x if diff.what == "codes" else None)
         counts.update({(diff.what, name): n for name, n in diff.counts().items()})
@@ -174,9 +174,15 @@ def test_pinned_classes_occur():
     assert counts[("offset", "offset sum overflow")] == 1
     counts = compare_with_bnb(float32_subnormals(), 64, "nf4")
     assert counts[("nested codes", "subnormal nested absmax")] > 0
-    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    # An even last dimension that is not a multiple of 16: the native scalar loop on every CPU.
+    x = np.random.default_rng(0).standard_normal((64, 30)).astype(np.float32)
     counts = compare_with_bnb(x, 64, "fp4")
     assert counts[("decoded", "fp4 negative zero")] > 0
+    # A multiple of 16 with blocks crossing rows: the AVX-512 loop where the CPU has one.
+    x = np.random.default_rng(0).standard_normal((40, 48)).astype(np.float32)
+    counts = compare_with_bnb(x, 32, "nf4")
+    row_crossing = "row-crossing absmax" in DECODE_MODELS[bnb_decode_model()]
+    assert (counts[("decoded", "row-crossing absmax")] > 0) == row_crossing, (bnb_decode_model(), counts)
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))

@@ -9,14 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from bnb_cpu import bnb_decoded  # noqa: E402
 from tolerances import assert_bit_equal, assert_bit_equal_or_both_nan  # noqa: E402
 
 import qlora_ref as R  # noqa: E402
-from qlora_ref.conformance.providers import (  # noqa: E402
-    PROVIDERS,
-    available_providers,
-    load_provider,
-)
+from qlora_ref.conformance.providers import PROVIDERS, available_providers, load_provider  # noqa: E402
+from qlora_ref.double_quant import dequantize_absmax  # noqa: E402
 from qlora_ref.state import numpy_dtype  # noqa: E402
 from qlora_ref.torchao_nf4 import quantize_torchao  # noqa: E402
 
@@ -76,11 +74,12 @@ def test_bitsandbytes_provider(quant_type, double_quant):
         assert wrong.mean() < 0.01 and np.all(np.abs(n.codes[wrong].astype(int) - state_ref.nested.codes[wrong]) == 1)
     else:
         assert_bit_equal(state.absmax, state_ref.absmax, "absmax")
-    # The converted state decodes, in the oracle, to bitsandbytes' own values (zero's sign aside).
+    # The converted state decodes, in the oracle running the model this machine's bitsandbytes
+    # follows (tests/bnb_cpu.py), to bitsandbytes' own values.
     theirs = p.dequantize(packed, state, dtype="float32")
-    ours = R.dequantize_4bit(packed, state, dtype="float32")
-    assert_bit_equal(np.abs(theirs) if quant_type == "fp4" else theirs, np.abs(ours) if quant_type == "fp4" else ours,
-                     "bitsandbytes decode")
+    absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
+    ours = bnb_decoded(R.unpack_4bit(packed, X.size), absmax, X.shape, 64, quant_type, "float32")
+    assert_bit_equal(theirs.reshape(ours.shape), ours, "bitsandbytes decode")
     with pytest.raises(ValueError, match="int4"):
         p.quantize(X, quant_type="int4")
 

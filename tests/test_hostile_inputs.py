@@ -26,12 +26,12 @@ import pytest
 from safetensors.numpy import save_file
 
 from qlora_ref import quantize_4bit
-from qlora_ref.formats.peft import check_pattern, read_adapter
+from qlora_ref.conformance.vectors import load_case, read_manifest, write_vectors
+from qlora_ref.double_quant import dequantize_absmax, double_quantize
 from qlora_ref.formats.bnb import from_bnb_state_dict, to_bnb_state_dict
 from qlora_ref.formats.checkpoint import read_checkpoint, read_header, write_checkpoint
-from qlora_ref.double_quant import dequantize_absmax, double_quantize
+from qlora_ref.formats.peft import check_pattern, read_adapter
 from qlora_ref.state import BLOCKSIZES, NESTED_BLOCKSIZES, QuantState
-from qlora_ref.conformance.vectors import load_case, read_manifest, write_vectors
 
 QS = "weight.quant_state.bitsandbytes__nf4"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from bnb_cpu import no_cpu_repacking
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import blocksizes
@@ -140,9 +141,13 @@ def _load_4bit(folder, *, attention="sdpa"):
     pytest.importorskip("bitsandbytes")
     quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
-                                                             dtype=torch.bfloat16, device_map="cpu",
-                                                             attn_implementation=attention)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
+                                                              dtype=torch.bfloat16, device_map="cpu",
+                                                              attn_implementation=attention)
+    # On AVX512-BF16 CPUs an eval forward without grad would repack the frozen Linear4bit weights
+    # in place (another layout and size, and an error for in_features not a multiple of the
+    # blocksize): measure the layout every machine has.
+    return no_cpu_repacking(model)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-tied", "qwen2"])

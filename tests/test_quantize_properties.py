@@ -182,6 +182,10 @@ def test_idempotent(case, double_quant):
     per_element = np.repeat(absmax, blocksize)[: x.size]
     for out in ("float32", state.dtype):
         y = dequantize_4bit(packed, state, dtype=out)
+        if not np.all(np.isfinite(y.astype(np.float32))):
+            # A decoded value beyond the output dtype's range (float16's 65504) rounds to inf,
+            # which no 4-bit format can quantize again.
+            continue
         packed2, state2 = quantize_4bit(y, blocksize=blocksize, quant_type=quant_type)
         codes2 = unpack_4bit(packed2, x.size)
         if out == "float32":
@@ -257,6 +261,10 @@ def test_double_quantized_absmax_within_the_dynamic_maps_resolution(case):
     # Roundings: v = absmax - offset, the reciprocal and product in the scaling, the decoded
     # product and the final add (float32 each).
     budget = c * half_gap + 4 * EPS32 * (absmax + off + c) + TINY32
+    # A subnormal nested absmax (below 2^-126): the float32 reciprocal overflows below 2^-128 and
+    # the scaled values saturate to the end codes (the "subnormal nested absmax" class of
+    # qlora_ref.conformance.classify); every code then decodes within 2 * c of any value in the block.
+    budget = np.where(c < float(np.finfo(np.float32).tiny), np.maximum(budget, 2 * c + TINY32), budget)
     # The format's float32 add overflows to inf only where the exact sum is beyond float32.
     exact = table[q] * c + float(nested.offset)
     overflow = ~np.isfinite(decoded)

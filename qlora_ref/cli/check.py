@@ -12,7 +12,13 @@ import time
 from qlora_ref.cli.args import int_in
 from qlora_ref.conformance.implementations import resolve
 from qlora_ref.conformance.providers import PROVIDERS
-from qlora_ref.conformance.run import check_implementations, format_report
+from qlora_ref.conformance.run import (
+    check_implementations,
+    count_inconsistent,
+    decode_models,
+    format_report,
+    machine_info,
+)
 
 __all__ = ["register"]
 
@@ -24,19 +30,26 @@ def _run(args) -> int:
     rows = check_implementations(impls, vectors_root=args.vectors, use_vectors=not args.no_vectors,
                                  seed=args.seed, rounds=args.rounds, per_case=args.per_case)
     elapsed_s = time.perf_counter() - start
-    unexplained = sum(r.unexplained for r in rows)
+    models = {kind: decode_models(rows, kind) for kind in ("encode", "decode")}
+    unexplained = sum(r.unexplained for r in rows) + count_inconsistent(rows)
     explained = sum(sum(r.classes.values()) for r in rows)
+    machine = machine_info(impls)
     if args.json:
         print(json.dumps({
-            "format_version": 1,
-            "implementations": {i.name: {"available": i.available, "reason": i.reason} for i in impls},
+            "format_version": 2,
+            "implementations": {i.name: {"available": i.available, "reason": i.reason,
+                                         "encode_model": (models["encode"].get(i.name) or [None])[0],
+                                         "decode_model": (models["decode"].get(i.name) or [None])[0]}
+                                for i in impls},
             "rows": [r.as_dict() for r in rows],
             "unexplained": unexplained,
             "explained": explained,
+            "machine": machine,
             "elapsed_s": round(elapsed_s, 3),
         }, indent=2, sort_keys=True))
     else:
-        print(format_report(rows, impls, elapsed_s=None if args.no_time else elapsed_s))
+        print(format_report(rows, impls, elapsed_s=None if args.no_time else elapsed_s,
+                            machine=None if args.no_time else machine))
     if unexplained or (args.strict and explained):
         return 1
     return 0
@@ -57,6 +70,7 @@ def register(subparsers) -> None:
     p.add_argument("--vectors", metavar="DIR", default=None, help="golden-vector folder (default: the shipped set)")
     p.add_argument("--no-vectors", action="store_true", help="skip the golden vectors")
     p.add_argument("--seed", type=int_in(0), default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--rounds", type=int_in(0, 10000), default=1, help="random inputs per quant type and dtype (default 1; 0 for none)")
-    p.add_argument("--no-time", action="store_true", help="leave the elapsed time out (for reproducible output)")
+    p.add_argument("--rounds", type=int_in(0, 10000), default=1,
+                   help="random inputs per quant type and dtype (default 1; 0 for none)")
+    p.add_argument("--no-time", action="store_true", help="leave the elapsed time and the machine out (for reproducible output)")
     p.set_defaults(func=_run)

@@ -17,7 +17,11 @@ Note: what check compares
        where it arises. An implementation that refuses to double-quantize absmax whose float32
        sum overflows is right to (``offset sum overflow``).
     3. ``dequantize`` of the oracle's state (with and without double quantization): decoded
-       values, bit for bit (``fp4 negative zero`` is the only class).
+       values, bit for bit or reproduced exactly by one decoder model of ``qlora_ref.conformance.variants``
+       (``classify_decoded``); the models that reproduce each tensor are kept per row, and an
+       implementation is explained only when one model reproduces all of them.
+
+    Everywhere NaN compares equal to NaN whatever its payload (``variants.same_bits``).
 
     torchao's scheme (``double_quant="torchao"``) is compared on inputs whose size it accepts;
     its mean may differ within a float32 sum's rounding (``offset ulp``), after which everything
@@ -44,8 +48,9 @@ from qlora_ref.conformance.classify import (
     classify_offset,
     classify_packed,
 )
+from qlora_ref.conformance.variants import same_bits
 from qlora_ref.conformance.vectors import case_state
-from qlora_ref.double_quant import DYNAMIC_MAP, double_quantize
+from qlora_ref.double_quant import DYNAMIC_MAP, dequantize_absmax, double_quantize
 from qlora_ref.state import QuantState, numpy_dtype
 from qlora_ref.torchao_nf4 import quantize_torchao
 
@@ -78,6 +83,12 @@ class Row:
         Cases the implementation does not support.
     notes : list of str
         What went wrong where, for the unexplained differences and errors.
+    decode_models, encode_models : set of str or None
+        The decoder (encoder) models of ``qlora_ref.conformance.variants`` that reproduce every decoded
+        tensor (every tensor of codes and absmax) of the row; None when there was none.
+    diagnoses : list of str
+        The known defects (``qlora_ref.conformance.variants``) that reproduce unexplained differences
+        exactly, each once.
     """
 
     impl: str
@@ -89,12 +100,22 @@ class Row:
     unexplained: int = 0
     skipped: int = 0
     notes: list = field(default_factory=list)
+    decode_models: set | None = None
+    encode_models: set | None = None
+    diagnoses: list = field(default_factory=list)
     _keys: set = field(default_factory=set, repr=False)
 
     def add(self, diff: Differences, where: str) -> None:
         """Count one comparison's differences by class."""
         self.compared += diff.compared
         self.exact += diff.compared - diff.index.size
+        if diff.diagnosis and diff.diagnosis not in self.diagnoses:
+            self.diagnoses.append(diff.diagnosis)
+        if diff.models is not None:
+            models = set(diff.models)
+            kind = "decode_models" if diff.what == "decoded" else "encode_models"
+            seen = getattr(self, kind)
+            setattr(self, kind, models if seen is None else seen & models)
         for name, n in diff.counts().items():
             if name == UNCLASSIFIED:
                 self.unexplained += n
@@ -123,14 +144,16 @@ class Row:
     def as_dict(self) -> dict:
         return {"impl": self.impl, "group": self.group, "cases": self.cases, "compared": self.compared,
                 "exact": self.exact, "classes": dict(sorted(self.classes.items())),
-                "unexplained": self.unexplained, "skipped": self.skipped, "notes": list(self.notes)}
+                "unexplained": self.unexplained, "skipped": self.skipped, "notes": list(self.notes),
+                "decode_models": None if self.decode_models is None else sorted(self.decode_models),
+                "encode_models": None if self.encode_models is None else sorted(self.encode_models),
+                "diagnoses": list(self.diagnoses)}
 
 
 def _exact(what: str, expected, actual) -> Differences:
     """Bitwise comparison with no classes: every difference is unexplained."""
     e, a = np.asarray(expected).reshape(-1), np.asarray(actual).reshape(-1)
-    uint = np.dtype(f"u{e.dtype.itemsize}")
-    index = np.flatnonzero(e.view(uint) != a.astype(e.dtype).view(uint))
+    index = np.flatnonzero(~same_bits(e, a.astype(e.dtype)))
     return Differences(what, e.size, index, np.full(index.size, UNCLASSIFIED, dtype=object).astype(str))
 
 
@@ -174,7 +197,8 @@ def check_quantize(impl, x, params, arrays, row: Row, name: str) -> None:
             diff = classify_packed(x, arrays["packed"], packed_i, blocksize=bs, quant_type=qt)
             row.add(diff, f"{name} codes")
             hint = _diagnose_nibbles(arrays["packed"], packed_i, n) if diff.unclassified else None
-            if hint:
+            if hint and hint.split(" (")[0] not in row.diagnoses:
+                row.diagnoses.append(hint.split(" (")[0])
                 row.note(f"{name}: {hint}", key="nibbles")
         absmax_i = _absmax_of(second)
         if absmax_i is not None:
@@ -248,7 +272,9 @@ def check_dequantize(impl, case, arrays, row: Row, name: str) -> None:
             continue
         if y.shape != expected.shape:  # the values are compared; the shape is only reported
             row.note(f"{name} {key}: returned shape {y.shape} for {expected.shape}", key="shape")
-        row.add(classify_decoded(codes, expected, y.reshape(expected.shape), quant_type=qt), f"{name} {key}")
+        absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
+        row.add(classify_decoded(codes, expected, y.reshape(expected.shape), quant_type=qt, absmax=absmax,
+                                 blocksize=bs), f"{name} {key}")
 
 
 def check_lora(impl, case, arrays, row: Row, name: str) -> None:

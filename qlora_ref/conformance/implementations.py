@@ -71,6 +71,9 @@ class Implementation:
     available : bool
     reason : str
         Why it is not available.
+    describe : callable or None
+        ``describe() -> dict``: versions and the code paths taken on this machine, when the
+        provider can tell (printed by ``qlora-ref check``).
     """
 
     name: str
@@ -81,6 +84,7 @@ class Implementation:
     lora_backward: Callable | None = None
     available: bool = True
     reason: str = ""
+    describe: Callable | None = None
 
 
 def _accepted(fn) -> tuple[set, bool]:
@@ -120,6 +124,7 @@ def _from_provider(provider, name: str) -> Implementation:
     return Implementation(
         name=name, quantize=quantize, dequantize=dequantize, supports=supports,
         lora_forward=lora_forward, lora_backward=lora_backward, available=bool(ok), reason=str(reason),
+        describe=getattr(provider, "describe", None),
     )
 
 

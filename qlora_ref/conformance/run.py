@@ -7,12 +7,18 @@ Note: what check compares), and prints one table: per implementation and group o
 values compared, those bit-identical, the differences in each named class
 (``qlora_ref.conformance.classify``) and the unexplained ones.
 
-Exit status: 1 when any difference is unexplained (with ``--strict``: any difference at all),
-2 on a usage error, 0 otherwise.
+Decoded values are explained by whole decoder models (``qlora_ref.conformance.variants``): an
+implementation passes only when ONE model reproduces every tensor it decoded; the table's notes
+name that model per implementation, and the report states the machine (the CPU features that
+decide the comparators' paths, the paths each took, the versions).
+
+Exit status: 1 when any difference is unexplained or no single decoder model explains an
+implementation (with ``--strict``: any difference at all), 2 on a usage error, 0 otherwise.
 """
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import numpy as np
@@ -25,12 +31,83 @@ from qlora_ref.conformance.compare import (
     check_quantize,
     check_torchao,
 )
+from qlora_ref.conformance.variants import DECODE_MODELS, ENCODE_MODELS
 from qlora_ref.conformance.vector_cases import quantize_case
 from qlora_ref.conformance.vectors import load_case, read_manifest
 from qlora_ref.state import BLOCKSIZES, numpy_dtype
 from qlora_ref.text_table import format_table
 
-__all__ = ["Row", "check_implementations", "format_report", "random_inputs"]
+__all__ = ["Row", "check_implementations", "format_report", "random_inputs", "machine_info", "count_inconsistent",
+           "decode_models"]
+
+#: CPU features that decide which paths the comparators take (``/proc/cpuinfo`` flag names).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def machine_info(impls=()) -> dict:
+    """The machine and the implementations' own account of their paths and versions.
+
+    Returns
+    -------
+    dict
+        ``machine`` (``platform.machine()``), ``python``, ``numpy``, ``cpu features`` (each of
+        ``CPU_FEATURES``: True or False; empty when ``/proc/cpuinfo`` cannot be read) and
+        ``implementations``: ``describe()`` of each available implementation that has one.
+
+    Examples
+    --------
+    >>> sorted(machine_info())
+    ['cpu features', 'implementations', 'machine', 'numpy', 'python']
+    """
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    described = {}
+    for impl in impls:
+        if impl.available and impl.describe is not None:
+            try:
+                described[impl.name] = impl.describe()
+            except Exception as exc:  # a description must never stop the check
+                described[impl.name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
+            "cpu features": {name: name in flags for name in CPU_FEATURES} if flags else {},
+            "implementations": described}
+
+
+def decode_models(rows, kind: str = "decode") -> dict:
+    """Per implementation, the models that reproduce every tensor of one kind it produced.
+
+    Parameters
+    ----------
+    rows : list of Row
+    kind : {"decode", "encode"}
+        Decoded values (``qlora_ref.conformance.variants.DECODE_MODELS``), or codes and absmax
+        (``ENCODE_MODELS``).
+
+    Returns
+    -------
+    dict
+        ``{implementation: list of model names, the oracle first}`` for implementations that
+        produced such tensors; an empty list means no single model explains all of them.
+    """
+    found: dict = {}
+    for r in rows:
+        models = getattr(r, f"{kind}_models")
+        if models is not None:
+            found[r.impl] = models if r.impl not in found else found[r.impl] & models
+    order = list(DECODE_MODELS if kind == "decode" else ENCODE_MODELS)
+    return {impl: sorted(models, key=order.index) for impl, models in found.items()}
+
+
+def count_inconsistent(rows) -> int:
+    """How many implementations (times kinds) no single model explains; each counts as unexplained."""
+    return sum(1 for kind in ("encode", "decode") for m in decode_models(rows, kind).values() if not m)
 
 
 def _group(case) -> str:
@@ -217,8 +294,8 @@ def check_implementations(impls, *, vectors_root=None, use_vectors: bool = True,
     return sorted(rows.values(), key=lambda r: order[r.impl])  # stable: groups keep their run order
 
 
-def format_report(rows, impls, *, elapsed_s: float | None = None) -> str:
-    """Format the rows as one table, then the unavailable implementations and the notes."""
+def format_report(rows, impls, *, elapsed_s: float | None = None, machine: dict | None = None) -> str:
+    """Format the rows as one table, then the unavailable implementations, the notes, the machine."""
     class_names = sorted({name for r in rows for name in r.classes})
     headers = ["implementation", "cases", "compared", "exact"] + class_names + ["unexplained"]
     table_rows = []
@@ -238,6 +315,29 @@ def format_report(rows, impls, *, elapsed_s: float | None = None) -> str:
     for r in rows:
         for note in r.notes:
             lines.append(f"  {r.impl}: {note}")
+    diagnosed: dict = {}
+    for r in rows:
+        for d in r.diagnoses:
+            found = diagnosed.setdefault(r.impl, [])
+            if d not in found:
+                found.append(d)
+    for impl, found in diagnosed.items():
+        for d in found:
+            lines.append(f"{impl}: diagnosis: {d}")
+    for kind, what in (("encode", "codes and absmax"), ("decode", "decoded values")):
+        for impl, models in decode_models(rows, kind).items():
+            if models:
+                lines.append(f"{impl}: {what} reproduced by the model {models[0]!r}")
+            else:
+                total += 1
+                lines.append(f"{impl}: no single model reproduces all its {what} (unexplained)")
+    if machine is not None:
+        features = machine["cpu features"]
+        listed = " ".join(f"{k}" if v else f"no-{k}" for k, v in features.items()) or "unknown"
+        lines.append(f"machine: {machine['machine']}, CPU features: {listed}; python {machine['python']}, "
+                     f"numpy {machine['numpy']}")
+        for impl, info in machine["implementations"].items():
+            lines.append(f"  {impl}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     summary = (f"{total} unexplained difference(s)" if total else "no unexplained differences") + \
               f"; {explained} explained by a named class"
     if elapsed_s is not None:

@@ -16,6 +16,9 @@ Note: known differences of the comparators (classified by the conformance tests)
       value gets code 8, a tiny positive one code 0); the oracle's midpoint rule does the
       opposite. Both decode to a zero; bitsandbytes' CPU decoder without AVX-512 writes code 8
       as -0.0 although its quant_map holds +0.0.
+    - bitsandbytes' CPU decode takes one of three paths by shape and by CPU, each an
+      executable model of ``qlora_ref.conformance.variants`` (Note: bitsandbytes CPU decode paths):
+      ``describe()`` says which one this machine's library follows.
     - torchao's mean of the scalers comes from torch's float32 reduction and can sit an ulp
       from the oracle's (``qlora_ref.torchao_nf4``, step 3).
 """
@@ -33,6 +36,7 @@ from qlora_ref.conformance.providers.torch_arrays import (
     to_torch,
     torch_dtype,
 )
+from qlora_ref.conformance.variants import probe_decode_model
 from qlora_ref.formats.bnb import from_bnb_state_dict, to_bnb_state_dict
 from qlora_ref.state import NestedAbsmax, QuantState
 
@@ -68,6 +72,28 @@ class BitsAndBytesProvider:
         except ImportError as exc:
             return False, f"bitsandbytes is not installed ({exc})"
         return True, ""
+
+    def describe(self) -> dict:
+        """The versions and the CPU paths bitsandbytes takes on this machine (for ``qlora-ref check``).
+
+        Returns
+        -------
+        dict
+            ``version``; ``device``; ``torch cpu capability`` (what bitsandbytes' Python
+            dispatch reads: with ``AVX512`` it sends blocksizes >= 2048 to its torch fallback);
+            ``native avx512bf16`` (bitsandbytes' own probe: ``Linear4bit`` then repacks its weight
+            on the first eval forward without grad); ``decode model``, the model of
+            ``qlora_ref.conformance.variants`` its decode follows here (``variants.probe_decode_model``).
+        """
+        import bitsandbytes  # optional dependency, as in available()
+        import bitsandbytes.functional as bnb_F  # optional dependency
+
+        info = {"version": bitsandbytes.__version__, "torch": torch.__version__, "device": str(self.device)}
+        if self.device.type == "cpu":
+            info["torch cpu capability"] = torch.backends.cpu.get_cpu_capability()
+            info["native avx512bf16"] = bool(bnb_F.has_avx512bf16())
+            info["decode model"] = probe_decode_model(self.dequantize)
+        return info
 
     def supports(self, quant_type, double_quant) -> bool:
         """NF4 and FP4, without or with bitsandbytes' own double quantization."""
