@@ -10,7 +10,6 @@ without running anything (the committed CPU results, or a GPU run's
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile

@@ -88,7 +88,8 @@ def _make_pristine(root: Path) -> None:
     sharded.mkdir()
     write_checkpoint(sharded / "model-1.safetensors", {"model.a": layers["model.a"]})
     write_checkpoint(sharded / "model-2.safetensors", {"model.b": layers["model.b"]}, bias)
-    weight_map = {k: "model-1.safetensors" for k in read_checkpoint(sharded / "model-1.safetensors").layers["model.a"].keys}
+    first = read_checkpoint(sharded / "model-1.safetensors").layers["model.a"]
+    weight_map = {k: "model-1.safetensors" for k in first.keys}
     weight_map.update({k: "model-2.safetensors" for k in ("model.b.weight", "model.b.bias")})
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     adapter = root / "adapter"
@@ -252,7 +253,8 @@ def mutations(draw):
     if target == "vectors":
         field = draw(st.sampled_from(["file", "shape", "dtype", "sha256", "kind", "params", "<document>",
                                       "blocksize", "cases"]))
-        value = draw(st.sampled_from(_PATHS + _HOSTILE_VALUES if field == "file" else _HOSTILE_VALUES + ["uint8", "float64"]))
+        pool = _PATHS + _HOSTILE_VALUES if field == "file" else _HOSTILE_VALUES + ["uint8", "float64"]
+        value = draw(st.sampled_from(pool))
 
         def mutate_manifest(case, outside):
             folder = case / "vectors"
@@ -363,7 +365,8 @@ def _run_readers(case: Path) -> dict:
         "read_sharded": _outcome(lambda: checkpoint(case / "sharded")),
         "inspect": _outcome(lambda: _cli("inspect", str(case / "checkpoint"))),
         "inspect_sharded": _outcome(lambda: _cli("inspect", str(case / "sharded"))),
-        "inspect_adapter": _outcome(lambda: _cli("inspect", str(case / "checkpoint"), "--adapter", str(case / "adapter"))),
+        "inspect_adapter": _outcome(lambda: _cli("inspect", str(case / "checkpoint"),
+                                                 "--adapter", str(case / "adapter"))),
         "read_adapter": _outcome(adapter),
         "check_vectors": _outcome(lambda: _cli("check", "oracle", "--vectors", str(case / "vectors"), "--rounds", "0",
                                                "--no-time")),
@@ -470,7 +473,8 @@ def _check(what: str, case: Path, results: dict, reference: dict | None) -> None
     for op, outcome in results.items():
         if op.startswith("_"):
             continue
-        assert "crash" not in outcome, f"{what}: {op} raised {outcome['crash']}: {outcome['message']}\n{outcome['trace']}"
+        assert "crash" not in outcome, (
+            f"{what}: {op} raised {outcome['crash']}: {outcome['message']}\n{outcome['trace']}")
         if "error" in outcome:
             message = outcome["message"]
             if op == "layer_loader":  # a state dict in memory: the error names the key

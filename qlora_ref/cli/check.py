@@ -57,6 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--vectors", metavar="DIR", default=None, help="golden-vector folder (default: the shipped set)")
     p.add_argument("--no-vectors", action="store_true", help="skip the golden vectors")
     p.add_argument("--seed", type=int_in(0), default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--rounds", type=int_in(0, 10000), default=1, help="random inputs per quant type and dtype (default 1; 0 for none)")
+    p.add_argument("--rounds", type=int_in(0, 10000), default=1,
+                   help="random inputs per quant type and dtype (default 1; 0 for none)")
     p.add_argument("--no-time", action="store_true", help="leave the elapsed time out (for reproducible output)")
     p.set_defaults(func=_run)
