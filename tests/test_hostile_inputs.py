@@ -525,3 +525,14 @@ def test_inspect_reads_headers_and_small_arrays_only(tmp_path):
           f"baseline {base / 2**20:.0f} MiB, growth {(peak - base) / 2**20:.1f} MiB")
     assert peak - base < size / 8, f"inspect grew by {peak - base} bytes for a {size}-byte file"
     assert "8192x16384" in result.stdout
+
+
+def test_write_checkpoint_replaces_a_symlink_and_leaves_no_temporary_file(tmp_path):
+    elsewhere = tmp_path / "elsewhere.bin"
+    elsewhere.write_bytes(b"precious")
+    target = tmp_path / "model.safetensors"
+    target.symlink_to(elsewhere)
+    write_checkpoint(target, {"p": quantize_4bit(np.ones((8, 64), np.float32))})
+    assert elsewhere.read_bytes() == b"precious" and not target.is_symlink()
+    assert list(read_checkpoint(target).layers) == ["p"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.bin", "model.safetensors"]
