@@ -55,6 +55,12 @@ from qlora_ref.formats.checkpoint import read_checkpoint, write_checkpoint
 from qlora_ref.formats.peft import match_adapter, read_adapter
 from qlora_ref.state import numpy_dtype
 
+try:  # optional: the layer loader's modules, imported once here so that each child inherits them
+    import qlora_gpu  # noqa: F401
+    import safetensors.torch  # noqa: F401
+except ImportError:  # pragma: no cover  (no torch: the layer loader reports "no torch")
+    pass
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="needs Linux: fork, RLIMIT_AS and /proc/self/status")
 
@@ -527,6 +533,7 @@ def test_the_pristine_folder_reads_and_matches_bitsandbytes(pristine, tmp_path):
             assert "ok" in outcome, (op, outcome)
     assert results["check_vectors"]["ok"]["status"] == 0
     reference = _bnb_decode(case / "checkpoint" / "model.safetensors")
+    print(f"pristine folder: every reader ran in {results['_growth_bytes'] / 2**20:.1f} MiB of growth")
     _check("pristine", case, results, reference)
     if reference is not None:
         assert results["read_checkpoint"]["ok"] == reference
