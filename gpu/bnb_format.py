@@ -163,9 +163,10 @@ def _read_meta(d: Mapping) -> tuple[str, dict, bool]:
         raise ValueError(f"{key!r}: JSON lacks {missing} or has unknown keys {unknown}")
     if meta["quant_type"] != key[len(QUANT_STATE_PREFIX):]:
         raise ValueError(f"{key!r}: JSON quant_type {meta['quant_type']!r} disagrees with the key")
-    if meta["blocksize"] not in BLOCKSIZES or isinstance(meta["blocksize"], bool):
-        raise ValueError(f"{key!r}: blocksize {meta['blocksize']!r} is not one of {BLOCKSIZES}")
-    if meta["dtype"] not in DTYPES:
+    bs = meta["blocksize"]
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs not in BLOCKSIZES:  # 64.0: refused, as the oracle
+        raise ValueError(f"{key!r}: blocksize {bs!r} is not one of {BLOCKSIZES}")
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in DTYPES:
         raise ValueError(f"{key!r}: dtype {meta['dtype']!r} is not one of {sorted(DTYPES)}")
     shape = meta["shape"]
     if not isinstance(shape, list) or not shape or not all(

@@ -214,7 +214,8 @@ class QLoRALinear(nn.Module):
         """
         packed, state = from_bnb_state_dict(d)
         if len(state.shape) != 2:
-            raise ValueError(f"a linear layer's weight is 2-D (out, in); the quant_state JSON gives shape {state.shape}")
+            raise ValueError(f"a linear layer's weight is 2-D (out, in); the quant_state JSON gives shape "
+                             f"{state.shape}")
         out_features, in_features = state.shape
         for k in ("quant_type", "blocksize", "double_quant", "dtype", "bias", "_base", "_quantized"):
             options.pop(k, None)

@@ -55,6 +55,12 @@ from qlora_ref.formats.checkpoint import read_checkpoint, write_checkpoint
 from qlora_ref.formats.peft import match_adapter, read_adapter
 from qlora_ref.state import numpy_dtype
 
+try:  # optional: the layer loader's modules, imported once here so that each child inherits them
+    import qlora_gpu  # noqa: F401
+    import safetensors.torch  # noqa: F401
+except ImportError:  # pragma: no cover  (no torch: the layer loader reports "no torch")
+    pass
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="needs Linux: fork, RLIMIT_AS and /proc/self/status")
 
@@ -88,7 +94,8 @@ def _make_pristine(root: Path) -> None:
     sharded.mkdir()
     write_checkpoint(sharded / "model-1.safetensors", {"model.a": layers["model.a"]})
     write_checkpoint(sharded / "model-2.safetensors", {"model.b": layers["model.b"]}, bias)
-    weight_map = {k: "model-1.safetensors" for k in read_checkpoint(sharded / "model-1.safetensors").layers["model.a"].keys}
+    first = read_checkpoint(sharded / "model-1.safetensors").layers["model.a"]
+    weight_map = {k: "model-1.safetensors" for k in first.keys}
     weight_map.update({k: "model-2.safetensors" for k in ("model.b.weight", "model.b.bias")})
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     adapter = root / "adapter"
@@ -252,7 +259,8 @@ def mutations(draw):
     if target == "vectors":
         field = draw(st.sampled_from(["file", "shape", "dtype", "sha256", "kind", "params", "<document>",
                                       "blocksize", "cases"]))
-        value = draw(st.sampled_from(_PATHS + _HOSTILE_VALUES if field == "file" else _HOSTILE_VALUES + ["uint8", "float64"]))
+        pool = _PATHS + _HOSTILE_VALUES if field == "file" else _HOSTILE_VALUES + ["uint8", "float64"]
+        value = draw(st.sampled_from(pool))
 
         def mutate_manifest(case, outside):
             folder = case / "vectors"
@@ -363,7 +371,8 @@ def _run_readers(case: Path) -> dict:
         "read_sharded": _outcome(lambda: checkpoint(case / "sharded")),
         "inspect": _outcome(lambda: _cli("inspect", str(case / "checkpoint"))),
         "inspect_sharded": _outcome(lambda: _cli("inspect", str(case / "sharded"))),
-        "inspect_adapter": _outcome(lambda: _cli("inspect", str(case / "checkpoint"), "--adapter", str(case / "adapter"))),
+        "inspect_adapter": _outcome(lambda: _cli("inspect", str(case / "checkpoint"),
+                                                 "--adapter", str(case / "adapter"))),
         "read_adapter": _outcome(adapter),
         "check_vectors": _outcome(lambda: _cli("check", "oracle", "--vectors", str(case / "vectors"), "--rounds", "0",
                                                "--no-time")),
@@ -470,7 +479,8 @@ def _check(what: str, case: Path, results: dict, reference: dict | None) -> None
     for op, outcome in results.items():
         if op.startswith("_"):
             continue
-        assert "crash" not in outcome, f"{what}: {op} raised {outcome['crash']}: {outcome['message']}\n{outcome['trace']}"
+        assert "crash" not in outcome, (
+            f"{what}: {op} raised {outcome['crash']}: {outcome['message']}\n{outcome['trace']}")
         if "error" in outcome:
             message = outcome["message"]
             if op == "layer_loader":  # a state dict in memory: the error names the key
@@ -523,6 +533,7 @@ def test_the_pristine_folder_reads_and_matches_bitsandbytes(pristine, tmp_path):
             assert "ok" in outcome, (op, outcome)
     assert results["check_vectors"]["ok"]["status"] == 0
     reference = _bnb_decode(case / "checkpoint" / "model.safetensors")
+    print(f"pristine folder: every reader ran in {results['_growth_bytes'] / 2**20:.1f} MiB of growth")
     _check("pristine", case, results, reference)
     if reference is not None:
         assert results["read_checkpoint"]["ok"] == reference

@@ -2,7 +2,8 @@
 
 User errors (``ValueError``, ``TypeError``, and ``OSError`` such as a missing or unreadable
 file) and bad arguments print one line, ``qlora-ref COMMAND: error: ...``, and exit with status
-2; a traceback means a bug. Each command module defines ``register(subparsers)``, which adds its parser and sets ``func``
+2; a traceback means a bug. Each command module defines ``register(subparsers)``, which adds its
+parser and sets ``func``
 to a callable taking the parsed arguments and returning an exit status. Every command runs
 with the oracle alone (NumPy and SciPy); implementations that need torch reach ``check``
 through the provider registry's plug-in point (``qlora_ref.conformance.providers``).

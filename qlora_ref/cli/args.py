@@ -1,7 +1,7 @@
 """Argument types of the ``qlora-ref`` command line: ranges and output paths checked at parse time.
 
 A bad argument is refused before any work starts, as one line on stderr and exit status 2 (see
-``qlora_ref.cli``). Pairs with ``qlora_ref.safe_io`` (``check_writable``).
+``qlora_ref.cli``). Pairs with ``qlora_ref.formats.safe_io`` (``check_writable``).
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ def _check_entry(where: str, entry) -> int:
         raise ValueError(f"{where}: an array entry must be an object")
     if not isinstance(entry.get("file"), str):
         raise ValueError(f"{where}: 'file' must be a string")
-    if entry.get("dtype") not in ARRAY_DTYPES:
+    if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in ARRAY_DTYPES:
         raise ValueError(f"{where}: unknown dtype {entry.get('dtype')!r}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -247,13 +247,14 @@ def _positive(value) -> bool:
 _PARAM_RULES = {
     "blocksize": (lambda v: v in BLOCKSIZES and not isinstance(v, bool), f"one of {BLOCKSIZES}"),
     "nested_blocksize": (lambda v: v in NESTED_BLOCKSIZES and not isinstance(v, bool), f"one of {NESTED_BLOCKSIZES}"),
-    "quant_type": (lambda v: v in QUANT_TYPES, f"one of {QUANT_TYPES}"),
-    "dtype": (lambda v: v in ARRAY_DTYPES, f"one of {sorted(ARRAY_DTYPES)}"),
-    "weight_dtype": (lambda v: v in INPUT_DTYPES, f"one of {sorted(INPUT_DTYPES)}"),
-    "compute_dtype": (lambda v: v in INPUT_DTYPES, f"one of {sorted(INPUT_DTYPES)}"),
+    "quant_type": (lambda v: isinstance(v, str) and v in QUANT_TYPES, f"one of {QUANT_TYPES}"),
+    "dtype": (lambda v: isinstance(v, str) and v in ARRAY_DTYPES, f"one of {sorted(ARRAY_DTYPES)}"),
+    "weight_dtype": (lambda v: isinstance(v, str) and v in INPUT_DTYPES, f"one of {sorted(INPUT_DTYPES)}"),
+    "compute_dtype": (lambda v: isinstance(v, str) and v in INPUT_DTYPES, f"one of {sorted(INPUT_DTYPES)}"),
     "shape": (lambda v: isinstance(v, list) and bool(v) and all(_positive(d) for d in v), "a list of ints >= 1"),
     "n": (_positive, "an int >= 1"), "n_blocks": (_positive, "an int >= 1"),
-    "in_features": (_positive, "an int >= 1"), "out_features": (_positive, "an int >= 1"), "r": (_positive, "an int >= 1"),
+    "in_features": (_positive, "an int >= 1"), "out_features": (_positive, "an int >= 1"),
+    "r": (_positive, "an int >= 1"),
     "alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
     "scaling": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
     "dropout_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "in [0, 1)"),
@@ -270,7 +271,8 @@ _PARAM_RULES = {
 REQUIRED = {
     "quantize": (("blocksize", "double_quant", "dtype", "n_blocks", "quant_type", "shape"),
                  ("absmax", "codes", "decoded", "input", "packed")),
-    "double_quant": (("n", "nested_blocksize", "nested_offset"), ("absmax_dq", "input", "nested_absmax", "nested_codes")),
+    "double_quant": (("n", "nested_blocksize", "nested_offset"),
+                     ("absmax_dq", "input", "nested_absmax", "nested_codes")),
     "dequantize": (("blocksize", "dtype", "n_blocks", "quant_type", "shape"), ("absmax", "decoded", "packed")),
     "lora": (("alpha", "budgets", "dropout_p", "dtype", "in_features", "out_features", "r", "scaling", "use_rslora"),
              ("A", "B", "W", "grad_A", "grad_B", "grad_x", "grad_y", "x", "y")),

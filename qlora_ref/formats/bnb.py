@@ -193,7 +193,7 @@ def _check_meta(key: str, meta: dict) -> bool:
     bs = meta["blocksize"]
     if isinstance(bs, bool) or not isinstance(bs, int) or bs not in BLOCKSIZES:
         raise ValueError(f"{key!r}: blocksize {bs!r} is not one of {BLOCKSIZES}")
-    if meta["dtype"] not in INPUT_DTYPES:
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in INPUT_DTYPES:
         raise ValueError(f"{key!r}: dtype {meta['dtype']!r} is not one of {sorted(INPUT_DTYPES)}")
     shape = meta["shape"]
     if (not isinstance(shape, list) or not shape

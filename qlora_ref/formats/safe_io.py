@@ -9,7 +9,9 @@ Note: hostile paths
     A name written inside a file (a manifest's ``file``, an index's shard) is a relative path
     that must resolve under the file's folder, with no symlink on the way, and name a regular
     file (not a device, FIFO or socket, which could block or never end); its size comes from
-    ``stat`` and is checked against what the caller expects before one byte is read.
+    ``stat`` and is checked against what the caller expects before one byte is read. One
+    exception: the Hugging Face cache links every file of a snapshot into one ``blobs`` folder,
+    so ``confined_file(links_into=...)`` accepts a link that resolves directly into it.
 
 Note: writes that never destroy
     Outputs are written to a temporary file in the same folder and renamed over the target, so
