@@ -47,3 +47,19 @@ def test_mean_round_trip_error_matches_the_published_value(standard_normal, quan
         f"{quant_type} block {blocksize}: mean |err| {mean:.6f} vs published {published:.6f}: "
         f"difference {mean - published:+.2e} exceeds {SIGMAS} sigma = {budget:.2e}"
     )
+
+
+def test_report_compares_published_like_for_like():
+    """``qlora-ref report`` puts the published figure beside the error measured in the published
+    setting (no double quantization), and the double-quantized error in its own column."""
+    from qlora_ref.cli.report import report
+
+    text = report(seed=0, size=128)
+    header = next(line for line in text.splitlines() if "published" in line and "type" in line)
+    columns = header.split()
+    assert columns.index("published") == columns.index("DQ") + 1  # "mean |err| no DQ", then "published (no DQ)"
+    x = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
+    row = next(line.split() for line in text.splitlines() if line.split()[:2] == ["nf4", "64"])
+    packed, state = quantize_4bit(x, blocksize=64, quant_type="nf4")
+    plain = np.abs(x.astype(np.float64) - dequantize_4bit(packed, state, dtype="float32").astype(np.float64)).mean()
+    assert row[2] == f"{plain:.6f}" and row[3] == f"{PUBLISHED_MEAN_ABS_ERROR['nf4'][64]:.6f}"

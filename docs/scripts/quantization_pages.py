@@ -221,7 +221,7 @@ def figures() -> None:
         packed, state = quantize_4bit(x, blocksize=64, quant_type=quant_type)
         err = (dequantize_4bit(packed, state) - x).ravel()
         ax.hist(err, bins=200, range=(-0.4, 0.4), histtype="step", label=f"{quant_type.upper()} (mean |e| {np.abs(err).mean():.4f})")
-    ax.set_xlabel("dequantized - original (block 64, N(0,1) data)")
+    ax.set_xlabel("dequantized - original (block 64, no double quantization, 512x1024 N(0,1) data, seed 0)")
     ax.set_ylabel("count")
     ax.legend()
     fig.tight_layout()
