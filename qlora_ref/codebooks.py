@@ -176,7 +176,10 @@ def normal_float_offset(bits: int) -> float:
         offset = 1 - (1/(2 * 2^k) + 1/(2 * (2^k - 1))) / 2
 
     For k = 4 that is ``1 - (1/32 + 1/30) / 2 = 0.96770833...``, which bitsandbytes writes as
-    the literal ``0.9677083``.
+    the literal ``0.9677083``. This rule is this project's reconstruction: it reproduces the
+    literal, but neither the paper nor bitsandbytes documents where the offset comes from
+    (docs/nf4.md, "The offset"). For ``bits != 4`` it is this project's extension, not a
+    published format.
 
     Examples
     --------
@@ -213,7 +216,8 @@ def normal_float_codebook(bits: int = 4, offset: float | None = None, *, pipelin
     Parameters
     ----------
     bits : int
-        Bits per code, 2 to 8; the table has ``2**bits`` values.
+        Bits per code, 2 to 8; the table has ``2**bits`` values. Only 4 is a published format
+        (NF4); other widths are this project's extension of the construction.
     offset : float, optional
         The outermost quantile probability; defaults to ``normal_float_offset(bits)``, except for
         4 bits where the default is bitsandbytes' literal ``NF4_OFFSET``.
