@@ -32,6 +32,31 @@ PAPER_TABLE4_MMLU = {"bf16": 53.0, "fp4": 52.2, "nf4 + DQ": 53.1}
 PAPER_GUANACO = {"percent_of_chatgpt": 99.3, "hours_on_one_gpu": 24}
 
 
+#: QLoRA-against-LoRA speed as others reported it: user reports in issue trackers, with their
+#: setting as stated there. Not measurements of this project, and not controlled comparisons.
+REPORTED_STEP_TIME = (
+    dict(source="https://github.com/allenai/open-instruct/issues/109", date="2024-02",
+         reported="QLoRA took about five times LoRA's time with the same LoRA config and batch size",
+         setting="open-instruct fine-tuning scripts; GPU not stated in the report"),
+    dict(source="https://github.com/hiyouga/LlamaFactory/issues/653", date="2023-08",
+         reported="QLoRA trained 5 to 6 times slower than LoRA on the same data, 13B model; a larger "
+                  "batch did not recover it",
+         setting="LLaMA-Factory; the maintainer's reply: only some GPUs (A100, 3090, 4090) have fast "
+                 "quantized paths"),
+    dict(source="https://github.com/ml-explore/mlx-examples/issues/511", date="2024-03",
+         reported="no significant speed difference between LoRA and QLoRA (tokens/s)",
+         setting="MLX on Apple silicon, 0.5B and 2.7B models; the maintainer's reply: QLoRA's advantage "
+                 "is memory, larger for larger models"),
+)
+
+
+def reported_speed_table() -> str:
+    """What others reported about QLoRA against LoRA speed, with sources."""
+    rows = [[f"[{r['source'].split('github.com/')[1]}]({r['source']}) ({r['date']})", r["reported"], r["setting"]]
+            for r in REPORTED_STEP_TIME]
+    return _md_table(["source", "reported", "setting, as stated"], rows)
+
+
 def _md_table(headers, rows) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -252,6 +277,7 @@ GENERATED = {
     "paper_results.md": paper_results_table,
     "speed_cpu.md": speed_table,
     "memory_70b_caption.md": memory_70b_caption,
+    "speed_reported.md": reported_speed_table,
 }
 
 
