@@ -17,7 +17,7 @@ LoRA and QLoRA math (``qlora_gpu.lora``, ``qlora_gpu.qlora``): ``lora_scaling``,
     ``qlora_backward``, ``qlora_linear`` (differentiable).
 Layers and models (``qlora_gpu.linear``, ``qlora_gpu.model``): ``QLoRALinear``,
     ``replace_linear_with_qlora(model, target_modules, *, r=8, alpha=16, **options)``,
-    ``adapter_state_dict``, ``trainable_parameters``.
+    ``adapter_state_dict``, ``trainable_parameters``, ``save_peft_adapter`` (a PEFT adapter folder).
 Checkpoints (``qlora_gpu.bnb_format``): ``to_bnb_state_dict``, ``from_bnb_state_dict``.
 Codebook tensors (``qlora_gpu.codebooks``): the oracle's tables as cached device tensors.
 Conformance (``qlora_gpu.providers``): ``TorchProvider`` and ``TritonProvider``, plugged into
@@ -49,6 +49,7 @@ from qlora_gpu.matmul import matmul_4bit
 from qlora_gpu.model import (
     adapter_state_dict,
     replace_linear_with_qlora,
+    save_peft_adapter,
     trainable_parameters,
 )
 from qlora_gpu.qlora import (
@@ -71,6 +72,6 @@ __all__ = [
     "quantize_4bit", "dequantize_4bit", "double_quantize", "dequantize_absmax", "pack_4bit", "unpack_4bit",
     "QuantState", "NestedAbsmax", "matmul_4bit", "lora_scaling", "lora_forward", "lora_backward",
     "qlora_base_weight", "qlora_forward", "qlora_backward", "qlora_linear", "QLoRALinear",
-    "replace_linear_with_qlora", "adapter_state_dict", "trainable_parameters",
+    "replace_linear_with_qlora", "adapter_state_dict", "trainable_parameters", "save_peft_adapter",
     "to_bnb_state_dict", "from_bnb_state_dict",
 ]

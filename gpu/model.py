@@ -13,6 +13,7 @@ Public API
     the adapters (``lora_A.weight``, ``lora_B.weight``) require gradients.
 ``adapter_state_dict(model)`` -> ``{name: tensor}``: the adapters only, PEFT-style names.
 ``trainable_parameters(model)`` -> ``(trainable, total)`` element counts (4-bit buffers not counted).
+``save_peft_adapter(model, folder, ...)`` -> ``Path``: the adapters as a PEFT LoRA adapter folder.
 
 Note: target_modules matching (PEFT's rule)
     A list of strings matches a module whose qualified name equals an entry or ends with
@@ -22,14 +23,20 @@ Note: target_modules matching (PEFT's rule)
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch  # noqa: F401  (the Examples pass torch dtypes)
+from safetensors.torch import save_file
 from torch import nn
 
 from qlora_gpu.linear import QLoRALinear
+from qlora_ref.formats.peft import PEFT_PREFIX
 
-__all__ = ["replace_linear_with_qlora", "adapter_state_dict", "trainable_parameters", "matches_target"]
+__all__ = ["replace_linear_with_qlora", "adapter_state_dict", "trainable_parameters", "matches_target",
+           "save_peft_adapter"]
+
 
 
 def matches_target(name: str, target_modules) -> bool:
@@ -139,3 +146,72 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
 
+
+
+def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str | None = None,
+                      task_type: str | None = "CAUSAL_LM") -> Path:
+    """Write the adapters of every ``QLoRALinear`` in ``model`` as a PEFT LoRA adapter folder.
+
+    The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with one
+    ``base_model.model.<name>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r) per layer
+    (docs/formats.md, section 7.3), so ``peft.PeftModel.from_pretrained`` loads it onto the base
+    model and ``qlora_ref.formats.peft.read_adapter`` reads it. The config is made from the layers:
+    ``target_modules`` lists their exact names, ``r`` and ``lora_alpha`` are the first layer's and
+    a layer that differs gets a ``rank_pattern`` / ``alpha_pattern`` entry under its full name, so
+    every layer keeps its scaling (Note: adapter scaling in ``qlora_ref.formats.peft``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with at least one ``QLoRALinear`` (for example after ``replace_linear_with_qlora``).
+    folder : str or Path
+        Created if missing; the two files in it are overwritten.
+    base_model_name_or_path : str, optional
+        Recorded in the config (PEFT uses it when no base model is passed).
+    task_type : str or None
+        PEFT's task type (``"CAUSAL_LM"``, ...), or None.
+
+    Returns
+    -------
+    Path
+        The folder.
+
+    Raises
+    ------
+    ValueError
+        If the model has no ``QLoRALinear``, or its layers differ in rsLoRA or dropout (PEFT's
+        config holds one value of each).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    >>> replace_linear_with_qlora(model, ["0", "2"], r=4, alpha=8, compute_dtype=torch.float32)
+    ['0', '2']
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     folder = save_peft_adapter(model, d)
+    ...     config = json.loads((folder / "adapter_config.json").read_text())
+    >>> config["r"], config["lora_alpha"], config["target_modules"]
+    (4, 8, ['0', '2'])
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    if not layers:
+        raise ValueError("the model has no QLoRALinear layer to save")
+    first = next(iter(layers.values()))
+    for what in ("rslora", "dropout"):
+        values = {getattr(m, what) for m in layers.values()}
+        if len(values) > 1:
+            raise ValueError(f"the layers differ in {what} ({sorted(values)}); a PEFT config holds one value")
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.dropout, "use_rslora": first.rslora,
+        "use_dora": False, "bias": "none", "target_modules": list(layers),
+        "rank_pattern": {name: m.r for name, m in layers.items() if m.r != first.r},
+        "alpha_pattern": {name: m.alpha for name, m in layers.items() if m.alpha != first.alpha},
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

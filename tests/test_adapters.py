@@ -152,3 +152,42 @@ def test_inspect_command(tmp_path, model, capsys):
     data = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in data["adapter"]["rows"]] == [4, 2]
     assert main(["inspect", str(tmp_path / "nowhere")]) == 2
+
+
+# -- qlora_gpu.save_peft_adapter: the fast path's layers written as an adapter folder -----------
+
+
+def test_save_peft_adapter_reads_back_with_every_layer_scaling(tmp_path):
+    """Layers of different rank and alpha keep their own scaling through rank/alpha patterns,
+    and the oracle's reader returns the adapters bit for bit."""
+    torch = pytest.importorskip("torch")
+    import qlora_gpu
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32),
+                                torch.nn.Linear(32, 16))
+    qlora_gpu.replace_linear_with_qlora(model, ["0", "2"], r=4, alpha=8, compute_dtype=torch.float32)
+    qlora_gpu.replace_linear_with_qlora(model, ["3"], r=2, alpha=16, compute_dtype=torch.float32)
+    for layer in model.modules():
+        if isinstance(layer, qlora_gpu.QLoRALinear):
+            torch.nn.init.normal_(layer.lora_B.weight)   # B = 0 would hide a swapped A and B
+    adapter = read_adapter(qlora_gpu.save_peft_adapter(model, tmp_path / "adapter"))
+    assert sorted(adapter.layers) == ["0", "2", "3"]
+    for name, layer in adapter.layers.items():
+        mine = model.get_submodule(name)
+        assert (layer.r, layer.alpha, layer.scaling) == (mine.r, mine.alpha, mine.scaling)
+        assert_bit_equal(layer.A, mine.lora_A.weight.detach().numpy(), "A")
+        assert_bit_equal(layer.B, mine.lora_B.weight.detach().numpy(), "B")
+
+
+def test_save_peft_adapter_refuses_what_one_config_cannot_hold(tmp_path):
+    torch = pytest.importorskip("torch")
+    import qlora_gpu
+
+    with pytest.raises(ValueError, match="no QLoRALinear"):
+        qlora_gpu.save_peft_adapter(torch.nn.Linear(4, 4), tmp_path / "a")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    qlora_gpu.replace_linear_with_qlora(model, ["0"], r=2, rslora=True, compute_dtype=torch.float32)
+    qlora_gpu.replace_linear_with_qlora(model, ["1"], r=2, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="rslora"):
+        qlora_gpu.save_peft_adapter(model, tmp_path / "b")

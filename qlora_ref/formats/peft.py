@@ -38,7 +38,8 @@ except ImportError:  # pragma: no cover  (Python 3.10)
 
 __all__ = ["LoraLayer", "Adapter", "read_adapter", "match_adapter", "adapter_forward", "merged_weight"]
 
-_PREFIX = "base_model.model."
+#: The prefix of every tensor key in adapter_model.safetensors (docs/formats.md, section 7.3).
+PEFT_PREFIX = "base_model.model."
 _SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
 
 
@@ -233,9 +234,9 @@ def read_adapter(path) -> Adapter:
     _, tensors = read_safetensors(weights_path)
     parts: dict = {}
     for key, a in tensors.items():
-        if not key.startswith(_PREFIX):
-            raise ValueError(f"{weights_path}: tensor {key!r} does not start with {_PREFIX!r}")
-        rest = key[len(_PREFIX):]
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"{weights_path}: tensor {key!r} does not start with {PEFT_PREFIX!r}")
+        rest = key[len(PEFT_PREFIX):]
         for suffix, role in _SUFFIXES.items():
             if rest.endswith("." + suffix):
                 parts.setdefault(rest[: -len(suffix) - 1], {})[role] = (key, a)
