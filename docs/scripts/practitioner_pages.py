@@ -80,20 +80,37 @@ def paper_results_table() -> str:
 
     t2 = PAPER_TABLE2_PERPLEXITY
     t4 = PAPER_TABLE4_MMLU
+    loss_before = {arm: arms[arm]["heldout_loss_before_mean"] for arm in ("nf4-dq", "fp4", "int4")}
+    loss, spread = ({arm: arms[arm][k] for arm in arms} for k in ("heldout_loss_mean", "heldout_loss_std"))
+
+    # The verdicts follow from the numbers: a gap counts when it exceeds the seeds' spread.
+    def behind(a, b):  # is arm a's loss above arm b's by more than their spreads?
+        return loss[a] - loss[b] > spread[a] + spread[b]
+
+    nf4_beats = [t for t in ("fp4", "int4") if loss_before["nf4-dq"] < loss_before[t]]
+    first = ("yes" if len(nf4_beats) == 2 else "partly" if nf4_beats else "no") + ": before fine-tuning NF4 " + (
+        "beats " + " and ".join(t.upper() for t in nf4_beats) if nf4_beats else "beats neither") + (
+        "" if "int4" in nf4_beats else "; INT4 does not lose to NF4 here")
+    second = ("yes: NF4 + DQ equals LoRA on bf16 within the seed spread" if not behind("nf4-dq", "lora-bf16")
+              else "no: NF4 + DQ is behind LoRA on bf16 by more than the seed spread")
+    paired = [a["heldout_loss"] - b["heldout_loss"]  # same seed, same data order: fp4 minus nf4-dq
+              for a, b in zip(arms["fp4"]["runs"], arms["nf4-dq"]["runs"]) if a["seed"] == b["seed"]]
+    second += "; FP4 " + ("behind NF4 + DQ by more than the spread" if behind("fp4", "nf4-dq") else
+                          "behind NF4 + DQ for every seed (paired), by less than the spread"
+                          if paired and min(paired) > 0 else "not behind NF4 + DQ")
+    third = ("LoRA part yes; full fine-tuning no: the adapters trail it at this scale and step count"
+             if behind("nf4-dq", "full") else "yes: within the seed spread of full fine-tuning")
     rows = [
         ["Base format, before fine-tuning: NF4 beats FP4 beats INT4",
          "Table 2 (perplexity, lower is better): " + ", ".join(f"{k} {v}" for k, v in t2.items()),
          f"held-out loss (nats/byte): int4 {before('int4')}, fp4 {before('fp4')}, nf4 + DQ {before('nf4-dq')}, "
-         f"16-bit {before('base')}",
-         "partly: NF4 beats FP4; INT4 is not worse than NF4 here"],
+         f"16-bit {before('base')}", first],
         ["After fine-tuning, NF4 + DQ matches a 16-bit base; FP4 falls behind",
          "Table 4 (MMLU %, higher is better): " + ", ".join(f"{k} {v}" for k, v in t4.items()),
-         f"held-out loss: lora-bf16 {after('lora-bf16')}, nf4 + DQ {after('nf4-dq')}, fp4 {after('fp4')}",
-         "yes: NF4 + DQ equals LoRA on bf16 within the seed spread; FP4 slightly behind"],
+         f"held-out loss: lora-bf16 {after('lora-bf16')}, nf4 + DQ {after('nf4-dq')}, fp4 {after('fp4')}", second],
         ["QLoRA replicates 16-bit LoRA and full fine-tuning",
          "Table 3 (GLUE, Super-NaturalInstructions) and section 4",
-         f"held-out loss: full {after('full')}, nf4 + DQ {after('nf4-dq')}",
-         "LoRA part yes; full fine-tuning no: the adapters trail it at this scale and step count"],
+         f"held-out loss: full {after('full')}, nf4 + DQ {after('nf4-dq')}", third],
         ["Guanaco: a chatbot near ChatGPT from one GPU",
          f"Abstract: Guanaco 65B at {PAPER_GUANACO['percent_of_chatgpt']}% of ChatGPT on the Vicuna benchmark, "
          f"{PAPER_GUANACO['hours_on_one_gpu']} h on one GPU",
