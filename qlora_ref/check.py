@@ -141,9 +141,12 @@ def _applies(impl, case) -> bool:
         return impl.lora_forward is not None or impl.lora_backward is not None
     if case["kind"] not in ("quantize", "dequantize"):
         return False
-    wanted = impl.quantize is not None or impl.dequantize is not None
-    return wanted and (impl.supports(p["quant_type"], False, p["blocksize"])
-                       or impl.supports(p["quant_type"], True, p["blocksize"]))
+    qt, bs = p["quant_type"], p["blocksize"]
+    encodes = impl.quantize is not None and case["kind"] == "quantize" and any(
+        impl.supports(qt, dq, bs) for dq in (False, True))
+    decode_support = impl.supports_decode or impl.supports
+    decodes = impl.dequantize is not None and any(decode_support(qt, dq, bs) for dq in (False, True))
+    return encodes or decodes
 
 
 # ----------------------------------------------------------------------------- random inputs
@@ -260,6 +263,9 @@ def check_implementations(impls, *, vectors_root=None, use_vectors: bool = True,
             continue
         for case in vector_cases:
             if not _applies(impl, case):
+                if case["kind"] == "quantize" and (impl.quantize or impl.dequantize) or \
+                        case["kind"] == "dequantize" and impl.dequantize:
+                    row_for(impl, case["name"] if per_case else _group(case)).skipped += 1  # counted
                 continue
             if case["name"] not in loaded:
                 loaded[case["name"]] = load_case(case, manifest["root"])
@@ -270,9 +276,14 @@ def check_implementations(impls, *, vectors_root=None, use_vectors: bool = True,
         if not impl.available:
             continue
         for case, arrays in random_cases:
+            if not (impl.quantize or impl.dequantize):
+                break
+            p = case["params"]
+            row = row_for(impl, case["name"] if per_case else f"random {p['quant_type']}")
             if _applies(impl, case):
-                p = case["params"]
-                _run_case(impl, case, arrays, row_for(impl, case["name"] if per_case else f"random {p['quant_type']}"))
+                _run_case(impl, case, arrays, row)
+            elif impl.quantize or impl.dequantize:
+                row.skipped += 1
         if rounds and impl.quantize is not None and impl.supports("nf4", "torchao", 64):
             for i, x in enumerate(_torchao_inputs(seed)):
                 name = f"random-torchao-{i}-{x.dtype.name}"
@@ -299,6 +310,8 @@ def format_report(rows, impls, *, elapsed_s: float | None = None, machine: dict 
     headers = ["implementation", "cases", "compared", "exact"] + class_names + ["unexplained"]
     table_rows = []
     for r in rows:
+        if not r.cases and not r.compared:  # everything skipped: listed below the table
+            continue
         label = f"{r.impl}: {r.group}"
         table_rows.append([label, r.cases, r.compared, r.exact] + [r.classes.get(c, 0) for c in class_names]
                           + [r.unexplained])

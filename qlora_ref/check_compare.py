@@ -48,7 +48,7 @@ from qlora_ref.classify import (
 )
 from qlora_ref.double_quant import DYNAMIC_MAP, dequantize_absmax, double_quantize
 from qlora_ref.quantize import dequantize_4bit, unpack_4bit
-from qlora_ref.state import QuantState, numpy_dtype
+from qlora_ref.state import QuantState, dtype_name, numpy_dtype
 from qlora_ref.variants import same_bits
 from qlora_ref.vectors import case_state
 
@@ -188,7 +188,10 @@ def check_quantize(impl, x, params, arrays, row: Row, name: str) -> None:
     qt, bs = params["quant_type"], params["blocksize"]
     n = x.size
     packed_i = absmax_i = None
-    if impl.supports(qt, False, bs):
+    dtype = dtype_name(x.dtype)
+    if not impl.supports(qt, False, bs, dtype=dtype):
+        row.skipped += 1
+    else:
         packed_raw, second = impl.quantize(x, blocksize=bs, quant_type=qt, double_quant=False)
         packed_i = _as_uint8(packed_raw, n, f"{name} quantize", row)
         if packed_i is not None:
@@ -207,7 +210,7 @@ def check_quantize(impl, x, params, arrays, row: Row, name: str) -> None:
                 absmax_i = None
             else:
                 row.add(classify_absmax(x, arrays["absmax"], absmax_i, blocksize=bs), f"{name} absmax")
-    if not impl.supports(qt, True, bs):
+    if not impl.supports(qt, True, bs, dtype=dtype):
         return
     try:
         packed_dq, state = impl.quantize(x, blocksize=bs, quant_type=qt, double_quant=True)
@@ -259,8 +262,11 @@ def check_dequantize(impl, case, arrays, row: Row, name: str) -> None:
     if "decoded_dq" in arrays:
         runs.append((True, "decoded_dq"))
     codes = arrays["codes"] if "codes" in arrays else unpack_4bit(arrays["packed"], int(np.prod(p["shape"])))
+    supports = impl.supports_decode or impl.supports
     for dq, key in runs:
-        if not impl.supports(qt, dq, bs):
+        if not supports(qt, dq, bs, dtype=dtype):
+            if not dq:
+                row.skipped += 1
             continue
         packed, state = case_state(case, arrays, double_quant=dq)
         y = np.asarray(impl.dequantize(packed, state, dtype=dtype))
