@@ -243,6 +243,12 @@ def check_quantize(impl, x, params, arrays, row: Row, name: str) -> None:
         row.note(f"{name}: offset {offset_i}: nested state not compared")
         return
     ref = double_quantize(base, offset=offset_i)  # the oracle's encoding of its absmax and offset
+    if int(nested.blocksize) != ref.blocksize:  # the file says so even where the values agree
+        diagnosis = f"its nested blocksize is {nested.blocksize}, the format's is {ref.blocksize}"
+        if diagnosis not in row.diagnoses:
+            row.diagnoses.append(diagnosis)
+        row.fail(f"{name} nested", ref.codes.size, diagnosis)
+        return
     codes_i, absmax2_i = np.asarray(nested.codes), np.asarray(nested.absmax)
     if codes_i.shape != ref.codes.shape or absmax2_i.shape != ref.absmax.shape:
         row.fail(f"{name} nested", ref.codes.size, f"nested arrays have shapes {codes_i.shape} and "
