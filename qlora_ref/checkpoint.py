@@ -17,9 +17,10 @@ Note: hostile files
     reader cannot represent, 4-bit entries without their quant_state JSON, and everything
     ``from_bnb_state_dict`` checks (missing keys, JSON that disagrees with the arrays, absmax of
     the wrong length, an unknown quant type, a packed size that does not match the shape).
-    bitsandbytes' CPU repacking hazard (formats.md section 5: a ``state_dict()`` taken after an
+    bitsandbytes' CPU repacking hazard (docs/findings.md: a ``state_dict()`` taken after an
     eval forward on an AVX-512-BF16 CPU re-quantizes the absmax through bfloat16 and writes
-    ``nested_dtype "bfloat16"``) is refused with that explanation.
+    ``nested_dtype "bfloat16"``) is refused with that explanation, and so is a layer saved in the
+    repacked layout itself.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ _QS_MARK = ".weight.quant_state."
 _STATE_SUFFIXES = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
 _HAZARD = (" -- this is bitsandbytes' CPU repacking hazard: the state dict was taken after an eval "
            "forward on an AVX-512-BF16 CPU, which re-quantized the absmax through bfloat16 "
-           "(formats.md section 5); save the model before running it")
+           "(docs/findings.md); save the model before running it")
+_REPACKED = (" -- this looks like bitsandbytes' repacked CPU layout (packed weight (N, K/2), absmax (K/blocksize, "
+             "N) in bfloat16), which Linear4bit switches to on the first eval forward on an AVX512-BF16 CPU; "
+             "its state_dict() converts back, so save through state_dict() (docs/findings.md)")
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,9 @@ def read_checkpoint(path) -> Checkpoint:
             message = str(exc).replace("'weight", f"'{name}.weight") if name else str(exc)
             if "nested_dtype 'bfloat16'" in message:
                 message += _HAZARD
+            w, a = entries.get("weight"), entries.get("absmax")
+            if w is not None and a is not None and w.ndim == 2 and w.shape[1] > 1 and a.ndim == 2:
+                message += _REPACKED
             raise ValueError(f"{path}: 4-bit layer {name!r}: {message}") from None
         storage = entries["weight"].dtype
         keys = tuple(sorted(full(k) for k in entries))
