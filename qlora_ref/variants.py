@@ -31,8 +31,13 @@ Note: bitsandbytes CPU decode paths
          flushes float32 subnormal products (magnitude below 2^-126) to zero of the same sign;
        - writes FP4 code 8 as +0.0, like the oracle.
 
-    Measured on an AVX-512 + AVX512-BF16 CPU with bitsandbytes 0.50.2 on constructed inputs;
-    the scalar model is what the same version does on AVX2 CPUs.
+    When torch reports less than AVX-512 on an AVX-512 CPU (``ATEN_CPU_CAPABILITY=avx2``),
+    blocksizes of 2048 and more reach the AVX-512 loop too, with the same two rules: the model
+    ``bitsandbytes cpu avx512, torch below avx512``.
+
+    Measured on an AVX-512 + AVX512-BF16 CPU with bitsandbytes 0.50.2 on constructed inputs
+    (with and without ``ATEN_CPU_CAPABILITY=avx2``); the scalar model is what the same version
+    does on AVX2 CPUs (the behaviour this project's tests met there before these models).
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ DECODE_MODELS = {
     ORACLE: (),
     "bitsandbytes cpu scalar": ("fp4 negative zero",),
     "bitsandbytes cpu avx512": DECODE_RULES,
+    "bitsandbytes cpu avx512, torch below avx512": DECODE_RULES,
 }
 _VECTOR_WIDTH = 16  # float32 lanes of one AVX-512 register: the vector loop's condition
 _FALLBACK_BLOCKSIZE = 2048  # from here on bitsandbytes' AVX-512 dispatch takes the torch fallback
@@ -219,7 +225,8 @@ def probe_decode_model(dequantize) -> str | None:
 
     The states reach every path of Note: bitsandbytes CPU decode paths: an even last
     dimension that is not a multiple of 16, one that is with blocks crossing rows, a 1-D
-    shape, and float32-subnormal products, decoded into bfloat16 and float32.
+    shape, a blocksize of 2048, and float32-subnormal products, decoded into bfloat16 and
+    float32.
 
     Parameters
     ----------
@@ -242,7 +249,7 @@ def probe_decode_model(dequantize) -> str | None:
 
     rng = np.random.default_rng(0)
     candidates = list(DECODE_MODELS)
-    for shape, blocksize in (((3, 34), 64), ((4, 48), 32), ((96,), 64), ((2, 3, 80), 64)):
+    for shape, blocksize in (((3, 34), 64), ((4, 48), 32), ((96,), 64), ((2, 3, 80), 64), ((2, 2080), 2048)):
         n = int(np.prod(shape))
         codes = rng.integers(0, 16, n).astype(np.uint8)
         n_blocks = -(-n // blocksize)
