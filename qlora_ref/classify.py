@@ -33,17 +33,16 @@ Note: difference classes
       2^-126), where the two sides' arithmetic parts ways (the oracle's reciprocal overflows
       below 2^-128; bitsandbytes' C++ path divides, and may flush subnormals). Every code then
       decodes to within ``2 * absmax < 2^-125`` of any other, far below float32's normal range.
-    - ``tie on a midpoint``: as above, for the dynamic map.
-    - ``approximate lookup table``: the other entry is at most two lookup-table cells
-      (``w = 2 / 65536``) farther from the scaled value ``s`` than the nearest entry.
-      bitsandbytes' CPU path (0.50) finds the entry through a 65536-entry table over [-1, 1]:
-      its pick is the nearest entry to some point ``p`` in the cell of ``s`` (``|p - s| <= w``),
-      so ``|s - other| <= |s - p| + |p - nearest| <= 2 w + |s - nearest|``. Near 0, where the
-      dynamic map is denser than the table, it can be several entries away.
+    - ``tie on a midpoint``: the scaled value is exactly a midpoint of the dynamic map and the
+      other implementation took the upper entry (bitsandbytes' CUDA binary search lets exact
+      float32 ties go either way).
+    - ``approximate lookup table``: the code bitsandbytes 0.50's CPU path finds through its
+      65536-cell lookup table (``variants.lookup_table_nested_codes``, run on the same values),
+      a neighbour of the exact nearest entry for a fraction of a percent of codes.
 
-    The offset (``classify_offset``): ``offset ulp``, a float32 mean within the rounding error
-    of a float32 sum in some order (torch's reduction order differs from the correctly rounded
-    mean the oracle computes), and ``offset sum overflow``, an infinite offset from a float32
+    The offset (``classify_offset``): ``offset ulp``, a float32 mean within
+    ``offset_tolerance_ulp(n)`` ulps of the correctly rounded one (the rounding of a float32
+    tree sum: torch's reduction order differs from the oracle's exact mean), and ``offset sum overflow``, an infinite offset from a float32
     sum that overflowed (bitsandbytes then stores a broken state; the oracle's mean is finite).
 
     Decoded values (``classify_decoded``) are explained by whole decoder models, not per
@@ -308,8 +307,11 @@ def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, t
         scaled32 = (v[index] * (np.float32(1) / c.astype(np.float32))).astype(np.float64)  # the oracle's s
     classes[rest & adjacent & (scaled32 == midpoint) & (bi > ai)] = "tie on a midpoint"
     rest = classes == UNCLASSIFIED
-    excess = np.abs(s - t[bi]) - np.abs(s - t[ai])  # how much farther the other entry is
-    classes[rest & (excess <= 2 * LUT_CELL)] = "approximate lookup table"
+    if table is None:  # bitsandbytes' CPU lookup table, run on the same values (qlora_ref.variants)
+        from qlora_ref.variants import lookup_table_nested_codes
+
+        lut = lookup_table_nested_codes(v, blocksize)[index].astype(np.int64)
+        classes[rest & (lut == bi)] = "approximate lookup table"
     return _result("nested codes", v.size, index, classes)
 
 
