@@ -322,7 +322,7 @@ def offset_tolerance_ulp(n_blocks: int) -> int:
     of the exact sum (Higham, "Accuracy and Stability of Numerical Algorithms", section 4.2,
     ``u = 2**-24``); ``u * mean`` is below one ulp of the mean, so the sum's error is at most
     ``ceil(log2 n)`` ulps of the mean, plus half an ulp for the division and half for the
-    oracle's own rounding of the exact mean. torch's float32 ``mean`` (bitsandbytes' offset,
+    oracle's own rounding (its float64 sum's error is far below a float32 ulp). torch's float32 ``mean`` (bitsandbytes' offset,
     torchao's scaler mean) reduces in such a tree: measured at most 2 ulps from the correctly
     rounded mean for 3 to 4,000,000 values (standard-normal and uniform absmax).
 
@@ -349,7 +349,8 @@ def classify_offset(absmax, offset, other_offset) -> Differences:
     absmax : ndarray, shape (n_blocks,), float32
         The first-level absmax both offsets are the mean of.
     offset, other_offset : float32 scalars
-        The oracle's (the exact mean rounded once) and the other implementation's.
+        The oracle's (the float64 mean rounded to float32: correctly rounded unless the float64
+        sum itself rounds, as for ``[2**60, 2**36, 254 x 1.0]``) and the other implementation's.
 
     Returns
     -------
