@@ -56,8 +56,9 @@ from qlora_ref.formats.peft import match_adapter, read_adapter
 from qlora_ref.state import numpy_dtype
 
 try:  # optional: the layer loader's modules, imported once here so that each child inherits them
-    import qlora_gpu  # noqa: F401
     import safetensors.torch  # noqa: F401
+
+    import qlora_gpu  # noqa: F401
 except ImportError:  # pragma: no cover  (no torch: the layer loader reports "no torch")
     pass
 

@@ -3,7 +3,8 @@
 Reads with ``qlora_ref.formats.checkpoint`` and ``qlora_ref.formats.peft`` (so every validation of those
 readers applies) and prints one table of the 4-bit weights (name, shape, quant type, block size,
 double quantization, stored bytes, bits per parameter) and, with an adapter, one of its LoRA
-layers (rank, alpha, scaling, DoRA, the base weight it adapts).
+layers (rank, alpha, scaling, DoRA, the base weight it adapts). It warns about layers that
+carry signs of bitsandbytes' re-quantization (``layer_warnings``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
+
 from qlora_ref.formats.checkpoint import read_checkpoint
 from qlora_ref.formats.peft import match_adapter, read_adapter
 from qlora_ref.text_table import format_table
 
-__all__ = ["inspect_checkpoint", "inspect_adapter", "register"]
+__all__ = ["inspect_checkpoint", "inspect_adapter", "layer_warnings", "register"]
 
 
 def inspect_checkpoint(ckpt) -> tuple[list, list]:
@@ -40,6 +44,46 @@ def inspect_checkpoint(ckpt) -> tuple[list, list]:
         rows.append([name or "(root)", "x".join(str(d) for d in s.shape), s.quant_type, s.blocksize,
                      "yes" if s.double_quant else "no", layer.stored_bytes, f"{layer.bits_per_parameter:.3f}"])
     return headers, rows
+
+
+def layer_warnings(layer) -> list:
+    """Warnings about one 4-bit layer of a checkpoint: signs that bitsandbytes re-quantized it.
+
+    A double-quantized layer whose offset and nested absmax are all exactly bfloat16 values was
+    re-quantized from bfloat16 absmax: bitsandbytes' CPU repacking (docs/findings.md) decodes the
+    absmax, rounds it to bfloat16 and double-quantizes it again when a ``state_dict()`` is taken
+    after an eval forward on an AVX512-BF16 CPU; the weights then differ from the ones loaded.
+    (A float32 offset is bfloat16-exact by chance about once in 65536 layers.)
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dataclasses import replace
+    >>> from qlora_ref import quantize_4bit
+    >>> from qlora_ref.formats.checkpoint import Layer4bit
+    >>> packed, state = quantize_4bit(np.linspace(-1, 1, 4096, dtype=np.float32), double_quant=True)
+    >>> layer = Layer4bit("proj", packed, state, np.dtype(np.uint8), (), 0)
+    >>> layer_warnings(layer)
+    []
+    >>> nested = replace(state.nested, offset=np.float32(0.5), absmax=np.full(1, 0.25, np.float32))
+    >>> layer_warnings(Layer4bit("proj", packed, replace(state, nested=nested), np.dtype(np.uint8), (), 0))[0][:60]
+    'proj: the offset and nested absmax are all exactly bfloat16 '
+    """
+
+    nested = layer.state.nested
+    if nested is None or nested.scheme != "bnb":
+        return []
+    values = np.append(np.asarray(nested.absmax, np.float32).reshape(-1), np.float32(nested.offset))
+    bf16 = values.astype(ml_dtypes.bfloat16).astype(np.float32)
+    if np.array_equal(values, bf16):
+        return [f"{layer.name or '(root)'}: the offset and nested absmax are all exactly bfloat16 values: a sign "
+                "that bitsandbytes re-quantized this layer's absmax through bfloat16 (its CPU repacking after an "
+                "eval forward on an AVX512-BF16 CPU); the weights may differ from the ones quantized"]
+    return []
 
 
 def inspect_adapter(adapter, ckpt=None) -> tuple[list, list]:
@@ -84,14 +128,18 @@ def _run(args) -> int:
         summary = (f"{len(adapter.layers)} adapted modules; r={c.get('r')}, lora_alpha={c.get('lora_alpha')}, "
                    f"use_rslora={bool(c.get('use_rslora', False))}, use_dora={bool(c.get('use_dora', False))}")
         tables.append(("adapter", headers, rows, summary))
+    warnings = [w for layer in (ckpt.layers.values() if ckpt is not None else ()) for w in layer_warnings(layer)]
     if args.json:
-        print(json.dumps({kind: {"rows": [dict(zip(h, r)) for r in rows], "summary": summary}
-                          for kind, h, rows, summary in tables}, indent=2))
+        result = {kind: {"rows": [dict(zip(h, r)) for r in rows], "summary": summary}
+                  for kind, h, rows, summary in tables}
+        result["warnings"] = warnings
+        print(json.dumps(result, indent=2))
         return 0
     out = []
     for kind, headers, rows, summary in tables:
         title = f"{'Checkpoint ' + str(path) if kind == 'checkpoint' else 'Adapter ' + str(adapter_path)}"
         out += [format_table(headers, rows, title=title), summary, ""]
+    out += [f"warning: {w}" for w in warnings]
     print("\n".join(out).rstrip())
     return 0
 

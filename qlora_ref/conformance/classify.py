@@ -33,17 +33,16 @@ Note: difference classes
       2^-126), where the two sides' arithmetic parts ways (the oracle's reciprocal overflows
       below 2^-128; bitsandbytes' C++ path divides, and may flush subnormals). Every code then
       decodes to within ``2 * absmax < 2^-125`` of any other, far below float32's normal range.
-    - ``tie on a midpoint``: as above, for the dynamic map.
-    - ``approximate lookup table``: the other entry is at most two lookup-table cells
-      (``w = 2 / 65536``) farther from the scaled value ``s`` than the nearest entry.
-      bitsandbytes' CPU path (0.50) finds the entry through a 65536-entry table over [-1, 1]:
-      its pick is the nearest entry to some point ``p`` in the cell of ``s`` (``|p - s| <= w``),
-      so ``|s - other| <= |s - p| + |p - nearest| <= 2 w + |s - nearest|``. Near 0, where the
-      dynamic map is denser than the table, it can be several entries away.
+    - ``tie on a midpoint``: the scaled value is exactly a midpoint of the dynamic map and the
+      other implementation took the upper entry (bitsandbytes' CUDA binary search lets exact
+      float32 ties go either way).
+    - ``approximate lookup table``: the code bitsandbytes 0.50's CPU path finds through its
+      65536-cell lookup table (``variants.lookup_table_nested_codes``, run on the same values),
+      a neighbour of the exact nearest entry for a fraction of a percent of codes.
 
-    The offset (``classify_offset``): ``offset ulp``, a float32 mean within the rounding error
-    of a float32 sum in some order (torch's reduction order differs from the correctly rounded
-    mean the oracle computes), and ``offset sum overflow``, an infinite offset from a float32
+    The offset (``classify_offset``): ``offset ulp``, a float32 mean within
+    ``offset_tolerance_ulp(n)`` ulps of the correctly rounded one (the rounding of a float32
+    tree sum: torch's reduction order differs from the oracle's exact mean), and ``offset sum overflow``, an infinite offset from a float32
     sum that overflowed (bitsandbytes then stores a broken state; the oracle's mean is finite).
 
     Decoded values (``classify_decoded``) are explained by whole decoder models, not per
@@ -72,6 +71,7 @@ from qlora_ref.conformance.variants import (
     diagnose_decoded,
     encode_model,
     fp4_negative_zero,
+    lookup_table_nested_codes,
     reproduced_blocks,
     same_bits,
 )
@@ -317,8 +317,10 @@ def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, t
         scaled32 = (v[index] * (np.float32(1) / c.astype(np.float32))).astype(np.float64)  # the oracle's s
     classes[rest & adjacent & (scaled32 == midpoint) & (bi > ai)] = "tie on a midpoint"
     rest = classes == UNCLASSIFIED
-    excess = np.abs(s - t[bi]) - np.abs(s - t[ai])  # how much farther the other entry is
-    classes[rest & (excess <= 2 * LUT_CELL)] = "approximate lookup table"
+    if table is None:  # bitsandbytes' CPU lookup table, run on the same values (qlora_ref.conformance.variants)
+
+        lut = lookup_table_nested_codes(v, blocksize)[index].astype(np.int64)
+        classes[rest & (lut == bi)] = "approximate lookup table"
     return _result("nested codes", v.size, index, classes)
 
 
@@ -329,7 +331,7 @@ def offset_tolerance_ulp(n_blocks: int) -> int:
     of the exact sum (Higham, "Accuracy and Stability of Numerical Algorithms", section 4.2,
     ``u = 2**-24``); ``u * mean`` is below one ulp of the mean, so the sum's error is at most
     ``ceil(log2 n)`` ulps of the mean, plus half an ulp for the division and half for the
-    oracle's own rounding of the exact mean. torch's float32 ``mean`` (bitsandbytes' offset,
+    oracle's own rounding (its float64 sum's error is far below a float32 ulp). torch's float32 ``mean`` (bitsandbytes' offset,
     torchao's scaler mean) reduces in such a tree: measured at most 2 ulps from the correctly
     rounded mean for 3 to 4,000,000 values (standard-normal and uniform absmax).
 
@@ -356,7 +358,8 @@ def classify_offset(absmax, offset, other_offset) -> Differences:
     absmax : ndarray, shape (n_blocks,), float32
         The first-level absmax both offsets are the mean of.
     offset, other_offset : float32 scalars
-        The oracle's (the exact mean rounded once) and the other implementation's.
+        The oracle's (the float64 mean rounded to float32: correctly rounded unless the float64
+        sum itself rounds, as for ``[2**60, 2**36, 254 x 1.0]``) and the other implementation's.
 
     Returns
     -------

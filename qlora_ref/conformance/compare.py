@@ -51,7 +51,7 @@ from qlora_ref.conformance.classify import (
 from qlora_ref.conformance.variants import same_bits
 from qlora_ref.conformance.vectors import case_state
 from qlora_ref.double_quant import DYNAMIC_MAP, dequantize_absmax, double_quantize
-from qlora_ref.state import QuantState, numpy_dtype
+from qlora_ref.state import QuantState, dtype_name, numpy_dtype
 from qlora_ref.torchao_nf4 import quantize_torchao
 
 __all__ = ["Row", "DERIVED", "check_quantize", "check_dequantize", "check_lora", "check_torchao"]
@@ -190,7 +190,10 @@ def check_quantize(impl, x, params, arrays, row: Row, name: str) -> None:
     qt, bs = params["quant_type"], params["blocksize"]
     n = x.size
     packed_i = absmax_i = None
-    if impl.supports(qt, False, bs):
+    dtype = dtype_name(x.dtype)
+    if not impl.supports(qt, False, bs, dtype=dtype):
+        row.skipped += 1
+    else:
         packed_raw, second = impl.quantize(x, blocksize=bs, quant_type=qt, double_quant=False)
         packed_i = _as_uint8(packed_raw, n, f"{name} quantize", row)
         if packed_i is not None:
@@ -209,7 +212,7 @@ def check_quantize(impl, x, params, arrays, row: Row, name: str) -> None:
                 absmax_i = None
             else:
                 row.add(classify_absmax(x, arrays["absmax"], absmax_i, blocksize=bs), f"{name} absmax")
-    if not impl.supports(qt, True, bs):
+    if not impl.supports(qt, True, bs, dtype=dtype):
         return
     try:
         packed_dq, state = impl.quantize(x, blocksize=bs, quant_type=qt, double_quant=True)
@@ -242,6 +245,12 @@ def check_quantize(impl, x, params, arrays, row: Row, name: str) -> None:
         row.note(f"{name}: offset {offset_i}: nested state not compared")
         return
     ref = double_quantize(base, offset=offset_i)  # the oracle's encoding of its absmax and offset
+    if int(nested.blocksize) != ref.blocksize:  # the file says so even where the values agree
+        diagnosis = f"its nested blocksize is {nested.blocksize}, the format's is {ref.blocksize}"
+        if diagnosis not in row.diagnoses:
+            row.diagnoses.append(diagnosis)
+        row.fail(f"{name} nested", ref.codes.size, diagnosis)
+        return
     codes_i, absmax2_i = np.asarray(nested.codes), np.asarray(nested.absmax)
     if codes_i.shape != ref.codes.shape or absmax2_i.shape != ref.absmax.shape:
         row.fail(f"{name} nested", ref.codes.size, f"nested arrays have shapes {codes_i.shape} and "
@@ -261,8 +270,11 @@ def check_dequantize(impl, case, arrays, row: Row, name: str) -> None:
     if "decoded_dq" in arrays:
         runs.append((True, "decoded_dq"))
     codes = arrays["codes"] if "codes" in arrays else unpack_4bit(arrays["packed"], int(np.prod(p["shape"])))
+    supports = impl.supports_decode or impl.supports
     for dq, key in runs:
-        if not impl.supports(qt, dq, bs):
+        if not supports(qt, dq, bs, dtype=dtype):
+            if not dq:
+                row.skipped += 1
             continue
         packed, state = case_state(case, arrays, double_quant=dq)
         y = np.asarray(impl.dequantize(packed, state, dtype=dtype))

@@ -18,10 +18,12 @@ Note: the user protocol
       ``ml_dtypes.bfloat16``).
 
     ``module:quantize_name,dequantize_name`` names both; ``module:,dequantize_name`` only the
-    decoder. Parameters are passed by name and only those the function declares (a function
-    without ``quant_type`` is taken to implement NF4 only; one without ``blocksize`` is called
-    with block size 64 only). A function may raise ``NotImplementedError`` for what it does not
-    support: that case is reported as skipped, not failed.
+    decoder. Parameters are passed by name and only those the function declares. What each
+    function supports is read from it, for the encoder and the decoder separately: attributes
+    ``quant_types``, ``blocksizes`` and ``dtypes`` (input dtypes of ``quantize``, output dtypes
+    of ``dequantize``) declare it; without them a function without ``quant_type`` is taken to
+    implement NF4 only, one without ``blocksize`` block size 64 only. Unsupported cases are
+    skipped and counted, never failed; a function may also raise ``NotImplementedError``.
 
     ``module:Name`` may also name a class (instantiated without arguments) or an object with
     ``quantize`` and/or ``dequantize`` methods in the same protocol, or a provider of the
@@ -65,7 +67,10 @@ class Implementation:
     dequantize : callable or None
         ``dequantize(packed, state, *, dtype) -> ndarray``.
     supports : callable
-        ``supports(quant_type, double_quant, blocksize) -> bool``.
+        ``supports(quant_type, double_quant, blocksize, dtype=None) -> bool`` for quantization
+        (``dtype``: the input's).
+    supports_decode : callable or None
+        The same for decoding (``dtype``: the output's); None: as ``supports``.
     lora_forward, lora_backward : callable or None
         NumPy LoRA entry points, when the implementation has them.
     available : bool
@@ -79,7 +84,8 @@ class Implementation:
     name: str
     quantize: Callable | None = None
     dequantize: Callable | None = None
-    supports: Callable = lambda quant_type, double_quant, blocksize: True
+    supports: Callable = lambda quant_type, double_quant, blocksize, dtype=None: True
+    supports_decode: Callable | None = None
     lora_forward: Callable | None = None
     lora_backward: Callable | None = None
     available: bool = True
@@ -115,29 +121,52 @@ def _from_provider(provider, name: str) -> Implementation:
     def dequantize(packed, state, *, dtype):
         return provider.dequantize(packed, state, dtype=dtype)
 
-    def supports(quant_type, double_quant, blocksize):
+    def supports(quant_type, double_quant, blocksize, dtype=None):
         return bool(provider.supports(quant_type, double_quant))
+
+    decode_check = getattr(provider, "supports_decode", None)
+
+    def supports_decode(quant_type, double_quant, blocksize, dtype=None):
+        return bool(decode_check(quant_type, double_quant)) if decode_check else supports(quant_type, double_quant,
+                                                                                          blocksize)
 
     lora_forward, lora_backward = getattr(provider, "lora_forward", None), getattr(provider, "lora_backward", None)
     if name == "oracle" and lora_forward is None:  # the oracle's own LoRA, checked on the LoRA vectors
         lora_forward, lora_backward = oracle_lora_forward, oracle_lora_backward
     return Implementation(
-        name=name, quantize=quantize, dequantize=dequantize, supports=supports,
+        name=name, quantize=quantize, dequantize=dequantize, supports=supports, supports_decode=supports_decode,
         lora_forward=lora_forward, lora_backward=lora_backward, available=bool(ok), reason=str(reason),
         describe=getattr(provider, "describe", None),
     )
 
 
-def _from_functions(name: str, q, dq, lora_forward=None, lora_backward=None) -> Implementation:
-    q_names, q_var = _accepted(q) if q is not None else (set(), False)
-    dq_names, dq_var = _accepted(dq) if dq is not None else (set(), False)
-    takes_type = (q_var or "quant_type" in q_names) if q is not None else (dq_var or "quant_type" in dq_names)
-    takes_block = (q_var or "blocksize" in q_names) if q is not None else (dq_var or "blocksize" in dq_names)
+def _declared_support(fn) -> Callable:
+    """``supports(quant_type, double_quant, blocksize, dtype=None)`` of one user function.
 
-    def supports(quant_type, double_quant, blocksize):
+    Declared by the function's attributes ``quant_types``, ``blocksizes`` and ``dtypes`` (any
+    iterables), otherwise inferred from its signature (Note: the user protocol).
+    """
+    names, var_kw = _accepted(fn)
+    quant_types = getattr(fn, "quant_types", None)
+    if quant_types is None and not (var_kw or "quant_type" in names):
+        quant_types = ("nf4",)
+    blocksizes = getattr(fn, "blocksizes", None)
+    if blocksizes is None and not (var_kw or "blocksize" in names):
+        blocksizes = (64,)
+    dtypes = getattr(fn, "dtypes", None)
+
+    def supports(quant_type, double_quant, blocksize, dtype=None):
         if double_quant:  # the simple protocol has no double quantization
             return False
-        return (takes_type or quant_type == "nf4") and (takes_block or blocksize == 64)
+        return ((quant_types is None or quant_type in tuple(quant_types))
+                and (blocksizes is None or int(blocksize) in tuple(int(b) for b in blocksizes))
+                and (dtypes is None or dtype is None or str(dtype) in tuple(str(d) for d in dtypes)))
+
+    return supports
+
+
+def _from_functions(name: str, q, dq, lora_forward=None, lora_backward=None) -> Implementation:
+    never = lambda quant_type, double_quant, blocksize, dtype=None: False  # noqa: E731
 
     def quantize(x, *, blocksize, quant_type, double_quant):
         out = _call(q, (x,), blocksize=blocksize, quant_type=quant_type)
@@ -158,7 +187,9 @@ def _from_functions(name: str, q, dq, lora_forward=None, lora_backward=None) -> 
                      shape=tuple(state.shape), blocksize=state.blocksize, quant_type=state.quant_type, dtype=dtype)
 
     return Implementation(name=name, quantize=quantize if q is not None else None,
-                          dequantize=dequantize if dq is not None else None, supports=supports,
+                          dequantize=dequantize if dq is not None else None,
+                          supports=_declared_support(q) if q is not None else never,
+                          supports_decode=_declared_support(dq) if dq is not None else never,
                           lora_forward=lora_forward, lora_backward=lora_backward)
 
 

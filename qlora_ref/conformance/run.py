@@ -23,6 +23,8 @@ import warnings
 
 import numpy as np
 
+from qlora_ref.api import dequantize_4bit
+from qlora_ref.blockwise import pack_4bit
 from qlora_ref.codebooks import codebook
 from qlora_ref.conformance.compare import (
     Row,
@@ -34,10 +36,10 @@ from qlora_ref.conformance.compare import (
 from qlora_ref.conformance.variants import DECODE_MODELS, ENCODE_MODELS
 from qlora_ref.conformance.vector_cases import quantize_case
 from qlora_ref.conformance.vectors import load_case, read_manifest
-from qlora_ref.state import BLOCKSIZES, numpy_dtype
+from qlora_ref.state import BLOCKSIZES, QuantState, numpy_dtype
 from qlora_ref.text_table import format_table
 
-__all__ = ["Row", "check_implementations", "format_report", "random_inputs", "machine_info", "count_inconsistent",
+__all__ = ["SHAPE_KINDS", "Row", "check_implementations", "format_report", "random_inputs", "machine_info", "count_inconsistent",
            "decode_models"]
 
 #: CPU features that decide which paths the comparators take (``/proc/cpuinfo`` flag names).
@@ -145,33 +147,77 @@ def _applies(impl, case) -> bool:
         return impl.lora_forward is not None or impl.lora_backward is not None
     if case["kind"] not in ("quantize", "dequantize"):
         return False
-    wanted = impl.quantize is not None or impl.dequantize is not None
-    return wanted and (impl.supports(p["quant_type"], False, p["blocksize"])
-                       or impl.supports(p["quant_type"], True, p["blocksize"]))
+    qt, bs = p["quant_type"], p["blocksize"]
+    encodes = impl.quantize is not None and case["kind"] == "quantize" and any(
+        impl.supports(qt, dq, bs) for dq in (False, True))
+    decode_support = impl.supports_decode or impl.supports
+    decodes = impl.dequantize is not None and any(decode_support(qt, dq, bs) for dq in (False, True))
+    return encodes or decodes
 
 
 # ----------------------------------------------------------------------------- random inputs
 
 
+#: The shapes of the random inputs, in turn (Note: inputs that reach every path): what each
+#: reaches in bitsandbytes' CPU decode (``qlora_ref.conformance.variants``, Note: bitsandbytes CPU decode paths).
+SHAPE_KINDS = (
+    "1-D odd",                           # its torch fallback; a padded byte
+    "2-D, last dim a multiple of 16",    # its AVX-512 loop where the CPU has one, blocks crossing rows
+    "3-D, last dim even, not of 16",     # its native scalar loop
+    "2-D, last dim odd",                 # its torch fallback, several rows
+    "1-D, a multiple of 16",             # decoded as (1, n) by its native loop
+    "2-D, rows of whole blocks",         # every path agrees on the absmax index
+)
+
+
+def _shape(rng, kind: str, n: int, blocksize: int) -> tuple:
+    """A shape of about ``n`` elements of the given kind."""
+    if kind == "1-D odd":
+        return (n | 1,)
+    if kind == "1-D, a multiple of 16":
+        return (max(n // 16, 1) * 16,)
+    if kind == "2-D, last dim a multiple of 16":
+        last = 16 * int(rng.integers(1, 12))
+        last += 16 if last % blocksize == 0 else 0  # never a multiple of the blocksize
+        return (max(n // last, 3), last)
+    if kind == "3-D, last dim even, not of 16":
+        last = 2 * int(rng.integers(1, 40))
+        last += 2 if last % 16 == 0 else 0
+        return (2, max(n // (2 * last), 2), last)
+    if kind == "2-D, last dim odd":
+        last = 2 * int(rng.integers(1, 60)) + 1
+        return (max(n // last, 2), last)
+    return (max(n // (2 * blocksize), 2), 2 * blocksize)  # rows of whole blocks
+
+
 def random_inputs(seed: int = 0, rounds: int = 1, max_elements: int = 40_000):
     """Yield ``(quant_type, blocksize, x)`` random hard inputs for both quant types and all dtypes.
 
-    Each block of an input is one of: normal data at a random scale, all zeros, exact codebook
-    midpoints times a power-of-two absmax, subnormals, a single outlier. Element counts are odd
-    (a padded byte) and rarely a multiple of the block size.
+    Note: inputs that reach every path
+        Each block of an input is one of: normal data at a random scale, all zeros, exact
+        codebook midpoints times a power-of-two absmax, subnormals, values around 1e-37 (a
+        normal absmax whose products with the small codebook entries are float32 subnormals),
+        a single outlier. The shapes take the kinds of ``SHAPE_KINDS`` in turn (1-D, 2-D and
+        3-D; even and odd last dimensions; multiples of 16 and of the blocksize or not), and the
+        blocksizes run over all eight, 32 to 4096.
 
     Examples
     --------
-    >>> [(q, x.dtype.name) for q, b, x in random_inputs(rounds=1)][:2]
-    [('nf4', 'float32'), ('nf4', 'float16')]
+    >>> [(q, x.dtype.name, x.ndim) for q, b, x in random_inputs(rounds=1)][:3]
+    [('nf4', 'float32', 1), ('nf4', 'float16', 2), ('nf4', 'bfloat16', 3)]
     """
     rng = np.random.default_rng(seed)
+    i = 0
     for _ in range(rounds):
         for quant_type in ("nf4", "fp4"):
             for dtype in ("float32", "float16", "bfloat16"):
-                blocksize = int(rng.choice(BLOCKSIZES[:5]))
-                n = int(rng.integers(blocksize * 3, max_elements)) | 1
-                yield quant_type, blocksize, _hard_blocks(rng, n, blocksize, quant_type).astype(numpy_dtype(dtype))
+                blocksize = int(rng.choice(BLOCKSIZES))
+                n = int(rng.integers(min(blocksize * 3, max_elements // 2), max_elements))
+                shape = _shape(rng, SHAPE_KINDS[i % len(SHAPE_KINDS)], n, blocksize)
+                i += 1
+                size = int(np.prod(shape))
+                x = _hard_blocks(rng, size, blocksize, quant_type).astype(numpy_dtype(dtype))
+                yield quant_type, blocksize, x.reshape(shape)
 
 
 def _hard_blocks(rng, n: int, blocksize: int, quant_type: str) -> np.ndarray:
@@ -181,7 +227,7 @@ def _hard_blocks(rng, n: int, blocksize: int, quant_type: str) -> np.ndarray:
     x = np.empty(n, dtype=np.float64)
     for start in range(0, n, blocksize):
         m = min(blocksize, n - start)
-        kind = rng.choice(["normal", "normal", "normal", "zeros", "midpoints", "subnormal", "outlier"])
+        kind = rng.choice(["normal", "normal", "normal", "zeros", "midpoints", "subnormal", "tiny", "outlier"])
         if kind == "normal":
             block = rng.standard_normal(m) * 2.0 ** rng.uniform(-8, 8)
         elif kind == "zeros":
@@ -192,6 +238,8 @@ def _hard_blocks(rng, n: int, blocksize: int, quant_type: str) -> np.ndarray:
             block[rng.integers(m)] = absmax
         elif kind == "subnormal":
             block = rng.integers(-100, 100, m) * 1.4e-45
+        elif kind == "tiny":  # normal absmax, subnormal products
+            block = rng.standard_normal(m) * 1e-37
         else:
             block = rng.standard_normal(m) * 0.01
             block[rng.integers(m)] = 50.0
@@ -205,6 +253,56 @@ def _random_cases(seed: int, rounds: int):
         c = quantize_case(f"random-{i}-{quant_type}-b{blocksize}-{x.dtype.name}", x, blocksize=blocksize,
                           quant_type=quant_type, description="", tags=[])
         yield {"name": c.name, "kind": "quantize", "params": c.params}, c.arrays
+
+
+def _random_decode_cases(seed: int):
+    """Decode-only cases: uniform random codes under absmax with random mantissas.
+
+    Rounding a float32 product into float16 or bfloat16 is a double rounding for a decoder that
+    skips the float32 step; it shows in about 1 value in 2^13 of such data, so each case holds
+    2^16 values. Shapes: a last dimension that is a multiple of 16 (with blocks crossing rows)
+    and an odd one.
+    """
+
+    rng = np.random.default_rng(seed + 2)
+    for quant_type in ("nf4", "fp4"):
+        for dtype, shape in (("float16", (1024, 64)), ("bfloat16", (655, 101)), ("float32", (2048, 32))):
+            blocksize = int(rng.choice([32, 128, 256]))
+            n = int(np.prod(shape))
+            codes = rng.integers(0, 16, n).astype(np.uint8)
+            absmax = (2.0 ** rng.uniform(-8, 8, -(-n // blocksize))).astype(np.float32)
+            packed = pack_4bit(codes, quant_type)
+            state = QuantState(shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type,
+                               code=codebook(quant_type), absmax=absmax)
+            params = {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype, "shape": list(shape)}
+            arrays = {"codes": codes, "packed": packed.reshape(-1), "absmax": absmax,
+                      "decoded": dequantize_4bit(packed, state)}
+            yield {"name": f"random-decode-{quant_type}-b{blocksize}-{dtype}", "kind": "dequantize",
+                   "params": params}, arrays
+    # float16 midpoints hit exactly by the float32 product but not by the exact one: a decoder
+    # that rounds the exact (float64) product straight to float16 differs in every such block.
+    shape, blocksize = (64, 64), 64
+    codes = np.repeat(rng.integers(9, 16, shape[0]), blocksize).astype(np.uint8)  # positive NF4 entries
+    table = codebook("nf4")
+    absmax = np.ones(shape[0], np.float32)
+    for b in range(shape[0]):
+        t = table[codes[b * blocksize]]
+        h = np.float16(rng.uniform(0.5, 1000))
+        midpoint = (float(h) + float(np.nextafter(h, np.float16(np.inf)))) / 2
+        a = np.float32(midpoint / float(t))
+        for step in range(64):  # the float32 neighbours of the quotient, outward
+            a_try = a
+            for _ in range(step // 2):
+                a_try = np.nextafter(a_try, np.float32(np.inf if step % 2 else -np.inf))
+            if float(t * a_try) == midpoint and float(t) * float(a_try) != midpoint:
+                absmax[b] = a_try
+                break
+    state = QuantState(shape=shape, dtype="float16", blocksize=blocksize, quant_type="nf4", code=table,
+                       absmax=absmax)
+    packed = pack_4bit(codes, "nf4")
+    yield {"name": "random-decode-float16-midpoints", "kind": "dequantize",
+           "params": {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float16", "shape": list(shape)}}, \
+        {"codes": codes, "packed": packed.reshape(-1), "absmax": absmax, "decoded": dequantize_4bit(packed, state)}
 
 
 def _torchao_inputs(seed: int):
@@ -263,19 +361,28 @@ def check_implementations(impls, *, vectors_root=None, use_vectors: bool = True,
             continue
         for case in vector_cases:
             if not _applies(impl, case):
+                if case["kind"] == "quantize" and (impl.quantize or impl.dequantize) or \
+                        case["kind"] == "dequantize" and impl.dequantize:
+                    row_for(impl, case["name"] if per_case else _group(case)).skipped += 1  # counted
                 continue
             if case["name"] not in loaded:
                 loaded[case["name"]] = load_case(case, manifest["root"])
             _run_case(impl, case, loaded[case["name"]], row_for(impl, case["name"] if per_case else _group(case)))
     with np.errstate(all="ignore"):  # subnormal blocks overflow the reciprocal, by design
-        random_cases = list(_random_cases(seed, rounds)) if rounds else []
+        random_cases = list(_random_cases(seed, rounds)) + list(_random_decode_cases(seed)) if rounds else []
     for impl in impls:
         if not impl.available:
             continue
         for case, arrays in random_cases:
+            if not (impl.quantize or impl.dequantize):
+                break
+            p = case["params"]
+            group = "random decode" if case["kind"] == "dequantize" else f"random {p['quant_type']}"
+            row = row_for(impl, case["name"] if per_case else group)
             if _applies(impl, case):
-                p = case["params"]
-                _run_case(impl, case, arrays, row_for(impl, case["name"] if per_case else f"random {p['quant_type']}"))
+                _run_case(impl, case, arrays, row)
+            elif impl.quantize or impl.dequantize:
+                row.skipped += 1
         if rounds and impl.quantize is not None and impl.supports("nf4", "torchao", 64):
             for i, x in enumerate(_torchao_inputs(seed)):
                 name = f"random-torchao-{i}-{x.dtype.name}"
@@ -300,6 +407,8 @@ def format_report(rows, impls, *, elapsed_s: float | None = None, machine: dict 
     headers = ["implementation", "cases", "compared", "exact"] + class_names + ["unexplained"]
     table_rows = []
     for r in rows:
+        if not r.cases and not r.compared:  # everything skipped: listed below the table
+            continue
         label = f"{r.impl}: {r.group}"
         table_rows.append([label, r.cases, r.compared, r.exact] + [r.classes.get(c, 0) for c in class_names]
                           + [r.unexplained])

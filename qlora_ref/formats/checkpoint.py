@@ -20,7 +20,8 @@ Note: hostile files
     block size, a packed size that does not match the shape, computed exactly in Python ints).
     bitsandbytes' CPU repacking hazard (docs/formats.md, section 5.3: a ``state_dict()`` taken after an
     eval forward on an AVX-512-BF16 CPU re-quantizes the absmax through bfloat16 and writes
-    ``nested_dtype "bfloat16"``) is refused with that explanation. A sharded index may only name
+    ``nested_dtype "bfloat16"``) is refused with that explanation, and so is a layer saved in the repacked layout itself
+    (docs/findings.md). A sharded index may only name
     regular files inside its folder (Note: hostile paths in ``qlora_ref.formats.safe_io``).
 
 Note: streaming reads
@@ -68,6 +69,9 @@ _STATE_SUFFIXES = ARRAY_KEYS[1:]  # the entries beside the packed weight
 _HAZARD = (" -- this is bitsandbytes' CPU repacking hazard: the state dict was taken after an eval "
            "forward on an AVX-512-BF16 CPU, which re-quantized the absmax through bfloat16 "
            "(docs/formats.md, section 5.3); save the model before running it")
+_REPACKED = (" -- this looks like bitsandbytes' repacked CPU layout (packed weight (N, K/2), absmax (K/blocksize, "
+             "N) in bfloat16), which Linear4bit switches to on the first eval forward on an AVX512-BF16 CPU; "
+             "its state_dict() converts back, so save through state_dict() (docs/findings.md)")
 
 
 @dataclass(frozen=True)
@@ -428,6 +432,9 @@ def read_checkpoint(path) -> Checkpoint:
             message = str(exc).replace("'weight", f"'{name}.weight") if name else str(exc)
             if "nested_dtype 'bfloat16'" in message:
                 message += _HAZARD
+            w, a = entries.get("weight"), entries.get("absmax")
+            if w is not None and a is not None and w.ndim == 2 and w.shape[1] > 1 and a.ndim == 2:
+                message += _REPACKED
             raise ValueError(f"{path}: 4-bit layer {name!r}: {message}") from None
         storage = entries["weight"].dtype
         keys = tuple(sorted(full(k) for k in entries))
