@@ -146,7 +146,8 @@ class StepCase:
         """The calculator's description of this step."""
         return FinetuneSetup(rank=self.rank, adapter_dtype=self.adapter_dtype, optimizer=self.optimizer,
                              batch_size=self.batch_size, seq_len=self.seq_len, base_dtype="bfloat16",
-                             norm_dtype="bfloat16", gradient_checkpointing=self.gradient_checkpointing)
+                             norm_dtype="bfloat16", gradient_checkpointing=self.gradient_checkpointing,
+                             lora_layer="peft" if self.implementation == "bnb-peft" else "fused")
 
 
 def _build_model(case: StepCase, folder: str):
@@ -231,18 +232,19 @@ def measure_step(case: StepCase, *, record_peak: bool = False) -> dict:
     opt = _optimizer(case, params)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (case.batch_size, case.seq_len), generator=generator)
-    model(input_ids=ids, labels=ids).loss.backward()  # the first step: allocates the optimizer state
+    labels = ids.clone()  # a data collator hands the model its own labels tensor
+    model(input_ids=ids, labels=labels).loss.backward()  # the first step: allocates the optimizer state
     opt.step()
     opt.zero_grad(set_to_none=True)
     tracker = LiveTensorBytes()
     tracker.record_peak = record_peak
     state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-    for t in _model_tensors(model) + state + [ids]:
+    for t in _model_tensors(model) + state + [ids, labels]:
         tracker.track(t)
     before = tracker.live_bytes
     with tracker:
         tracker.phase = "forward"
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=labels).loss
         tracker.phase = "backward"
         loss.backward()
         del loss

@@ -52,7 +52,7 @@ from __future__ import annotations
 from qlora_ref.memory.shapes import NORMS, ModelShape
 from qlora_ref.state import INPUT_DTYPES
 
-__all__ = ["layer_activation_terms", "activation_items", "korthikanti_activation_bytes"]
+__all__ = ["PHASES", "layer_activation_terms", "activation_items", "korthikanti_activation_bytes"]
 
 _FLOAT32 = 4
 _INT64 = 8
@@ -83,6 +83,7 @@ def layer_activation_terms(model, setup) -> list:
     171016
     """
     c = INPUT_DTYPES[setup.compute_dtype].itemsize
+    a = INPUT_DTYPES[setup.adapter_dtype].itemsize
     h, i, r, s = model.hidden_size, model.intermediate_size, setup.rank, setup.seq_len
     layers = model.linear_layers()
     q_dim, kv_dim = layers["q_proj"][0], layers["k_proj"][0]
@@ -91,14 +92,24 @@ def layer_activation_terms(model, setup) -> list:
     norm_stats = NORMS[model.norm][1] * _FLOAT32
     terms = []
 
-    def linear_inputs(what, width, readers):
-        """The input of ``readers`` (one tensor): kept once, or per adapter with dropout."""
+    def linear_inputs(what, width, readers, shared=False):
+        """The input of ``readers`` (one tensor, ``shared`` when another node keeps it anyway)."""
         users = [n for n in readers if n in keeps_input]
         if not users:
             return
-        if setup.lora_dropout and not setup.full_finetune:
-            terms.append((f"{what}: dropped copies and masks ({len(users)})", len(users) * width * (c + 1)))
-        else:
+        if setup.full_finetune:
+            if not shared:
+                terms.append((what, width * c))
+        elif setup.lora_layer == "fused":  # one autograd function keeps x (and its dropout mask)
+            if not shared:
+                terms.append((what, width * c))
+            if setup.lora_dropout:
+                terms.append((f"{what}: dropout masks ({len(users)})", len(users) * width * c))
+        elif setup.lora_dropout:  # PEFT: each adapter keeps its own dropped copy and a bool mask
+            terms.append((f"{what}: dropped copies and masks ({len(users)})", len(users) * width * (a + 1)))
+        elif a != c:  # PEFT casts x to the adapter dtype in each adapter, which keeps its copy
+            terms.append((f"{what}: {setup.adapter_dtype} copies ({len(users)})", len(users) * width * a))
+        elif not shared:
             terms.append((what, width * c))
 
     def norm(what):
@@ -116,11 +127,10 @@ def layer_activation_terms(model, setup) -> list:
     if setup.attention == "sdpa":
         terms.append(("q, k, v after RoPE", (q_dim + 2 * kv_dim) * c))
         terms.append(("attention output and log-sum-exp", q_dim * c + model.num_heads * _FLOAT32))
+        linear_inputs("o_proj input", q_dim, ["o_proj"], shared=True)  # the attention output, kept by SDPA
     else:
         terms.append(("q, and k, v repeated to all heads", 3 * q_dim * c))
         terms.append(("attention probabilities (float32 and compute dtype)", model.num_heads * s * (_FLOAT32 + c)))
-        linear_inputs("o_proj input", q_dim, ["o_proj"])
-    if setup.lora_dropout and not setup.full_finetune and setup.attention == "sdpa" and "o_proj" in adapted:
         linear_inputs("o_proj input", q_dim, ["o_proj"])
     if model.norms_per_layer == 2:
         norm("MLP")
@@ -131,61 +141,92 @@ def layer_activation_terms(model, setup) -> list:
     else:
         terms.append(("up_proj output (activation input)", i * c))
         linear_inputs("down_proj input (activation output)", i, ["down_proj"])
-    if adapted:
-        terms.append((f"LoRA A x ({len(adapted)} adapters)", len(adapted) * r * c))
+    if adapted and setup.lora_layer == "peft":  # a fused layer recomputes A x in its backward
+        terms.append((f"LoRA A x ({len(adapted)} adapters)", len(adapted) * r * a))
     return terms
 
 
-def _item(name: str, category: str, nbytes: int, note: str = "") -> tuple:
-    return (name, category, nbytes, note)
+#: Phases of a training step, in order (Note: the peak of a training step).
+PHASES = ("loss forward", "loss backward", "layer backward", "optimizer step")
+_KEPT = ("loss forward", "loss backward", "layer backward")
 
 
 def activation_items(model, setup) -> list:
-    """Activation and transient-peak items of a fine-tuning step.
+    """Activation and transient items of a fine-tuning step, with the phases each lives in.
 
     Returns
     -------
-    list of (name, category, nbytes, note)
-        Category ``"activations"`` (kept from forward to backward) or ``"transient"`` (the
-        largest short-lived allocation of the backward pass).
+    list of (name, category, nbytes, note, phases)
+        Category ``"activations"`` (kept from forward to backward) or ``"transient"`` (alive in
+        one phase only); ``phases`` is a tuple of names from ``PHASES``.
 
     Notes
     -----
     Without checkpointing ``L * b * s * sum(layer terms)``, with it ``L * b * s * h * c`` plus
-    one recomputed layer at a time; then the final norm's input, logits and labels, and the RoPE
-    tables (see Note: activations kept for backward).
+    one recomputed layer at a time; then the final norm's input, the RoPE tables, and the loss
+    (see Note: activations kept for backward, and Note: the loss's memory).
     """
     c = INPUT_DTYPES[setup.compute_dtype].itemsize
-    tokens = setup.batch_size * setup.seq_len
+    b, s = setup.batch_size, setup.seq_len
+    tokens = b * s
     h, v = model.hidden_size, model.vocab_size
-    layer_bytes = sum(b for _, b in layer_activation_terms(model, setup))  # per token
+    layer_bytes = sum(nbytes for _, nbytes in layer_activation_terms(model, setup))  # per token
     items = []
     if setup.gradient_checkpointing:
-        items.append(_item("decoder layer inputs (checkpoints)", "activations", model.num_layers * tokens * h * c,
-                           note=f"{model.num_layers} layers x {h} values"))
+        items.append(("decoder layer inputs (checkpoints)", "activations", model.num_layers * tokens * h * c,
+                      f"{model.num_layers} layers x {h} values", _KEPT))
     else:
-        items.append(_item("decoder layers: tensors kept for backward", "activations",
-                           model.num_layers * tokens * layer_bytes, note=f"{layer_bytes} bytes per token per layer"))
+        items.append(("decoder layers: tensors kept for backward", "activations",
+                      model.num_layers * tokens * layer_bytes, f"{layer_bytes} bytes per token per layer", _KEPT))
+        # The embedding output is a leaf that requires grad (enable_input_require_grads): the
+        # graph holds it to the end. With checkpointing it is layer 0's checkpoint, counted above.
+        items.append(("embedding output (a leaf that requires grad)", "activations", tokens * h * c, "", _KEPT))
     final = h * _FLOAT32 + NORMS[model.norm][1] * _FLOAT32
     if setup.full_finetune:  # the gradients of the head (its input) and the embeddings (the ids)
         final += h * c + _INT64 + (h * c if model.norm == "rmsnorm" else 0)  # and the final norm's weight
-    items.append(_item("final norm input", "activations", tokens * final))
-    logits = v * c + (v * _FLOAT32 if c != _FLOAT32 else 0)
-    items.append(_item("logits and labels", "activations", tokens * (logits + _INT64),
-                       note=f"{setup.compute_dtype} + float32 for the loss" if c != _FLOAT32 else "float32"))
-    items.append(_item("RoPE cos/sin", "activations", 2 * setup.seq_len * model.head_dim * c))
+    items.append(("final norm input", "activations", tokens * final, "float32", ("loss forward", "loss backward")))
+    # One (1, s, head_dim) cos and sin for the whole batch; the int64 position ids are kept only
+    # as an input of the checkpointed layers.
+    rope = 2 * s * model.head_dim * c + (s * _INT64 if setup.gradient_checkpointing else 0)
+    items.append(("RoPE cos/sin" + (", position ids" if setup.gradient_checkpointing else ""), "activations", rope, "",
+                  _KEPT))
+    items.append(("token batch (input ids, labels)", "activations", 2 * tokens * _INT64, "int64", PHASES))
+    items += _loss_items(model, setup)
 
-    logits_grad = tokens * (v * _FLOAT32 + (v * c if c != _FLOAT32 else 0))
+    grads_in_flight = 2 * tokens * h * c  # the gradient reaching a layer and the one it passes down
     recompute = tokens * layer_bytes if setup.gradient_checkpointing else 0
     dequantized = 0
     if setup.quant_type is not None:
         dequantized = max(out_f * in_f for out_f, in_f in model.linear_layers().values()) * c
-    if recompute + dequantized > logits_grad:
-        what = "one recomputed layer + one dequantized weight" if recompute else "one dequantized weight"
-        items.append(_item("backward peak: " + what, "transient", recompute + dequantized))
-    else:
-        items.append(_item("backward peak: gradient of the logits", "transient", logits_grad))
+    what = ("one recomputed layer, " if recompute else "") + ("one dequantized weight, " if dequantized else "")
+    items.append(("layer backward: " + what + "gradients of hidden states", "transient",
+                  recompute + dequantized + grads_in_flight, "", ("layer backward",)))
     return items
+
+
+def _loss_items(model, setup) -> list:
+    """The loss's tensors in the two loss phases (Note: the loss's memory)."""
+    c = INPUT_DTYPES[setup.compute_dtype].itemsize
+    b, s = setup.batch_size, setup.seq_len
+    tokens, h, v = b * s, model.hidden_size, model.vocab_size
+    labels = b * (s + 1) * _INT64 + tokens * _INT64  # padded by one, then the shifted copy
+    if setup.loss_chunk_tokens is None:
+        upcast = v * _FLOAT32 if c != _FLOAT32 else 0  # ``logits.float()`` copies unless already float32
+        return [
+            ("loss forward: logits, float32 logits, log-softmax, labels", "transient",
+             tokens * (v * c + upcast + v * _FLOAT32) + labels,
+             f"{setup.compute_dtype} logits + float32 copy + float32 log-softmax", ("loss forward",)),
+            ("loss backward: log-softmax, its gradient, the logits' gradient", "transient",
+             3 * tokens * v * _FLOAT32, "three float32 (tokens x vocab) tensors", ("loss backward",)),
+        ]
+    chunk = min(setup.loss_chunk_tokens, tokens)
+    return [
+        ("loss forward (chunked): one chunk's logits and gradient, the hidden states' gradient", "transient",
+         chunk * v * (c + 2 * _FLOAT32) + tokens * h * c + labels,
+         f"{chunk} tokens at a time", ("loss forward",)),
+        ("loss backward (chunked): the hidden states' gradient", "transient", tokens * h * c, "",
+         ("loss backward",)),
+    ]
 
 
 def korthikanti_activation_bytes(model: ModelShape, *, batch_size: int, seq_len: int) -> int:
