@@ -147,8 +147,9 @@ def layer_activation_terms(model, setup) -> list:
 
 
 #: Phases of a training step, in order (Note: the peak of a training step).
-PHASES = ("loss forward", "loss backward", "layer backward", "optimizer step")
-_KEPT = ("loss forward", "loss backward", "layer backward")
+PHASES = ("loss forward", "loss backward", "backward: top layer", "backward: bottom layer", "optimizer step")
+_KEPT = ("loss forward", "loss backward", "backward: top layer", "backward: bottom layer")
+_LAYERS = ("backward: top layer", "backward: bottom layer")
 
 
 def activation_items(model, setup) -> list:
@@ -172,12 +173,20 @@ def activation_items(model, setup) -> list:
     h, v = model.hidden_size, model.vocab_size
     layer_bytes = sum(nbytes for _, nbytes in layer_activation_terms(model, setup))  # per token
     items = []
+    # Through the loss and the top layer's backward every layer's share is kept; when the bottom
+    # layer's backward runs, the layers above have freed theirs.
+    early = ("loss forward", "loss backward", "backward: top layer")
+    upper = model.num_layers - 1
     if setup.gradient_checkpointing:
-        items.append(("decoder layer inputs (checkpoints)", "activations", model.num_layers * tokens * h * c,
-                      f"{model.num_layers} layers x {h} values", _KEPT))
+        items.append(("decoder layer inputs (checkpoints)", "activations", tokens * h * c,
+                      "layer 0's, kept to the end", _KEPT))
+        items.append(("decoder layer inputs (checkpoints), layers above 0", "activations", upper * tokens * h * c,
+                      f"{upper} layers x {h} values", early))
     else:
-        items.append(("decoder layers: tensors kept for backward", "activations",
-                      model.num_layers * tokens * layer_bytes, f"{layer_bytes} bytes per token per layer", _KEPT))
+        items.append(("decoder layer 0: tensors kept for backward", "activations", tokens * layer_bytes,
+                      f"{layer_bytes} bytes per token", _KEPT))
+        items.append(("decoder layers above 0: tensors kept for backward", "activations",
+                      upper * tokens * layer_bytes, f"{upper} layers x {layer_bytes} bytes per token", early))
         # The embedding output is a leaf that requires grad (enable_input_require_grads): the
         # graph holds it to the end. With checkpointing it is layer 0's checkpoint, counted above.
         items.append(("embedding output (a leaf that requires grad)", "activations", tokens * h * c, "", _KEPT))
@@ -193,15 +202,67 @@ def activation_items(model, setup) -> list:
     items.append(("token batch (input ids, labels)", "activations", 2 * tokens * _INT64, "int64", PHASES))
     items += _loss_items(model, setup)
 
-    grads_in_flight = 2 * tokens * h * c  # the gradient reaching a layer and the one it passes down
     recompute = tokens * layer_bytes if setup.gradient_checkpointing else 0
-    dequantized = 0
-    if setup.quant_type is not None:
-        dequantized = max(out_f * in_f for out_f, in_f in model.linear_layers().values()) * c
-    what = ("one recomputed layer, " if recompute else "") + ("one dequantized weight, " if dequantized else "")
-    items.append(("layer backward: " + what + "gradients of hidden states", "transient",
-                  recompute + dequantized + grads_in_flight, "", ("layer backward",)))
+    scratch, grads = _layer_backward_bytes(model, setup)
+    what = "one recomputed layer + " if recompute else ""
+    items.append(("backward of the top layer: " + what + "scratch, its adapters' first gradients", "transient",
+                  recompute + scratch + grads, "", ("backward: top layer",)))
+    items.append(("backward of the bottom layer: " + what + "scratch, its adapters' first gradients", "transient",
+                  recompute + scratch + (0 if setup.full_finetune else grads), "", ("backward: bottom layer",)))
     return items
+
+
+def _layer_backward_bytes(model, setup) -> tuple:
+    """Scratch of one decoder layer's backward at its fullest moment, and the gradients made by then.
+
+    Note: the backward scratch
+        Measured on CPU (``benchmarks/memory_measure.py``), a layer's backward is fullest at one
+        of two moments. (1) The widest adapted linear layer (``down_proj``, the first reached)
+        forms its input gradient from two branches while the gradient arriving from above
+        (``T h c``) still exists; with ``fused`` layers: ``x`` cast to the adapter dtype, ``s G``,
+        ``G B``, then ``G W``, ``(G B) A``, its cast back and the sum; with PEFT the adapter
+        branch runs first and leaves its input gradient, then the base's backward decodes ``W``
+        and forms ``G W``, and the two are summed. (2) The RMSNorm before the MLP runs its
+        backward in float32 (transformers upcasts): five ``T h`` float32 tensors at once, by
+        which time the MLP's own saved tensors are freed. The larger of the two counts; the
+        final norm's backward is moment (2) with every layer's tensors still kept.
+
+    Returns
+    -------
+    (int, int)
+        Scratch bytes, and bytes of the adapter gradients that exist at that moment.
+    """
+    c = INPUT_DTYPES[setup.compute_dtype].itemsize
+    a = INPUT_DTYPES[setup.adapter_dtype].itemsize
+    tokens, r, h = setup.batch_size * setup.seq_len, setup.rank, model.hidden_size
+    layers = model.linear_layers()
+    adapted = set(setup.targets(model))
+    grads = {n: r * (i + o) * a if n in adapted else 0 for n, (o, i) in layers.items()}
+    linear_moment = (0, 0)
+    for name, (out_f, in_f) in layers.items():
+        dequantized = out_f * in_f * c if setup.quant_type is not None else 0
+        if name not in adapted:
+            scratch = tokens * in_f * c + dequantized  # G W
+        elif setup.lora_layer == "fused":
+            casts = tokens * in_f * (a + c) if a != c else 0
+            scratch = tokens * (in_f * (c + a + c) + out_f * a + r * a) + casts
+        else:
+            scratch = max(tokens * in_f * (a + c) if a != c else 0, 2 * tokens * in_f * c + dequantized)
+        linear_moment = max(linear_moment, (tokens * h * c + scratch, grads[name]))
+    terms = layer_activation_terms(model, setup)
+    names = [name for name, _ in terms]
+    mlp_norm = next((k for k, name in enumerate(names) if name.startswith("MLP norm input")), None)
+    if mlp_norm is None:  # a parallel block has one norm, reached last
+        return linear_moment
+    mlp_saved = tokens * sum(nbytes for _, nbytes in terms[mlp_norm + 1:])
+    mlp_grads = sum(grads.get(n, 0) for n in ("gate_proj", "up_proj", "down_proj"))
+    norm_moment = (_norm_backward_bytes(model, tokens) - mlp_saved, mlp_grads)
+    return max(linear_moment, norm_moment, key=sum)
+
+
+def _norm_backward_bytes(model, tokens: int) -> int:
+    """Scratch of a norm's float32 backward (Note: the backward scratch): five ``T h`` float32 tensors."""
+    return 5 * tokens * model.hidden_size * _FLOAT32
 
 
 def _loss_items(model, setup) -> list:
@@ -216,16 +277,17 @@ def _loss_items(model, setup) -> list:
             ("loss forward: logits, float32 logits, log-softmax, labels", "transient",
              tokens * (v * c + upcast + v * _FLOAT32) + labels,
              f"{setup.compute_dtype} logits + float32 copy + float32 log-softmax", ("loss forward",)),
-            ("loss backward: log-softmax, its gradient, the logits' gradient", "transient",
-             3 * tokens * v * _FLOAT32, "three float32 (tokens x vocab) tensors", ("loss backward",)),
+            ("loss backward: log-softmax, its gradient, the logits' gradient; then the final norm's", "transient",
+             max(3 * tokens * v * _FLOAT32, _norm_backward_bytes(model, tokens)),
+             "three float32 (tokens x vocab) tensors, or five (tokens x hidden)", ("loss backward",)),
         ]
     chunk = min(setup.loss_chunk_tokens, tokens)
     return [
         ("loss forward (chunked): one chunk's logits and gradient, the hidden states' gradient", "transient",
          chunk * v * (c + 2 * _FLOAT32) + tokens * h * c + labels,
          f"{chunk} tokens at a time", ("loss forward",)),
-        ("loss backward (chunked): the hidden states' gradient", "transient", tokens * h * c, "",
-         ("loss backward",)),
+        ("loss backward (chunked): the hidden states' gradient; the final norm's backward", "transient",
+         max(tokens * h * c, _norm_backward_bytes(model, tokens)), "", ("loss backward",)),
     ]
 
 

@@ -511,7 +511,7 @@ def _sharded(model: ModelShape, setup: FinetuneSetup, items: list) -> list:
     out.append(MemoryItem("FSDP: root unit gathered (embeddings, head, final norm)", "weights",
                           root - (0 if setup.cpu_offload else -(-root // n))))
     out.append(MemoryItem("FSDP: two decoder-layer units gathered (computing, prefetched)", "transient", 2 * unit,
-                          phases=("layer backward",)))
+                          phases=("backward: top layer", "backward: bottom layer")))
     return out
 
 
@@ -561,9 +561,14 @@ def estimate_memory(model: ModelShape, setup: FinetuneSetup | None = None) -> Me
         items.append(MemoryItem("LoRA adapters A, B", "adapters",
                                 sum(n * _dtype_bytes(d, "adapter_dtype") for n, d in trainable), note=setup.adapter_dtype))
     # Gradients appear as the backward pass reaches each layer (set to None between steps).
-    items.append(MemoryItem("gradients of trainable parameters", "gradients",
-                            sum(n * _dtype_bytes(d, "dtype") for n, d in trainable),
-                            phases=("layer backward", "optimizer step")))
+    grads = sum(n * _dtype_bytes(d, "dtype") for n, d in trainable)
+    if setup.full_finetune:
+        items.append(MemoryItem("gradients of trainable parameters", "gradients", grads,
+                                phases=("backward: bottom layer", "optimizer step")))
+    else:  # a layer's first adapter gradients are counted with its backward scratch
+        items.append(MemoryItem("gradients of the adapters of layers above 0", "gradients",
+                                grads // model.num_layers * (model.num_layers - 1), phases=("backward: bottom layer",)))
+        items.append(MemoryItem("gradients of trainable parameters", "gradients", grads, phases=("optimizer step",)))
     if setup.master_weights:
         items.append(MemoryItem("float32 master weights", "optimizer", n_trainable * _FLOAT32))
     n_states, storage, paged = OPTIMIZERS[setup.optimizer]
