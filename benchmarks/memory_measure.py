@@ -43,6 +43,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import qlora_gpu
 from qlora_ref.memory import FinetuneSetup, estimate_memory, shape_from_config
 
 __all__ = ["LiveTensorBytes", "StepCase", "measure_step", "calculated_peak_bytes", "ARCHITECTURES", "IMPLEMENTATIONS"]
@@ -177,8 +178,6 @@ def _build_model(case: StepCase, folder: str):
             if "lora_" in name:
                 p.data = p.data.to(dtype)
     elif case.implementation == "qlora_gpu":
-        import qlora_gpu  # noqa: PLC0415  (the fast path, measured like a comparator)
-
         model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
         qlora_gpu.replace_linear_with_qlora(model, _TARGETS, r=case.rank, alpha=2 * case.rank, quant_type="nf4",
                                             blocksize=64, double_quant=True, compute_dtype=torch.bfloat16,
@@ -263,9 +262,10 @@ def calculated_peak_bytes(case: StepCase) -> int:
     return estimate_memory(shape, case.setup()).total_bytes
 
 
-#: The full grid: (vocabulary override, [(batch, seq), ...]). The architectures' own vocabulary
-#: puts the peak in the loss; a small one moves it into a decoder layer's backward.
-FULL_GRID = ((None, ((1, 256), (2, 512))), (256, ((2, 512), (2, 1024))))
+#: (vocabulary override, [(batch, seq), ...], checkpointing settings). The architectures' own
+#: vocabulary puts the peak in the loss; a small one moves it into a decoder layer's backward
+#: (measured with checkpointing on, where the recomputed layer adds to it; listed first).
+FULL_GRID = ((256, ((2, 512), (2, 1024)), (True,)), (None, ((1, 256), (2, 512)), (True, False)))
 
 
 def compare(case: StepCase) -> dict:
@@ -315,11 +315,11 @@ def slope_errors(rows: list) -> list:
 
 
 def grid_cases(grid=FULL_GRID, architectures=tuple(ARCHITECTURES), implementations=IMPLEMENTATIONS,
-               adapter_dtypes=("float32", "bfloat16"), checkpointing=(True, False)) -> list:
+               adapter_dtypes=("float32", "bfloat16")) -> list:
     """The ``StepCase`` of every grid point."""
     return [StepCase(arch, impl, b, s, adapter_dtype=dtype, gradient_checkpointing=ckpt, vocab_size=vocab)
-            for vocab, points in grid for arch in architectures for impl in implementations
-            for dtype in adapter_dtypes for ckpt in checkpointing for b, s in points]
+            for vocab, points, checkpointing in grid for dtype in adapter_dtypes for ckpt in checkpointing
+            for arch in architectures for impl in implementations for b, s in points]
 
 
 def format_markdown(rows: list, slopes: list) -> str:
@@ -344,31 +344,51 @@ def format_markdown(rows: list, slopes: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default="benchmarks/results/memory_measured.json", help="results file to write")
-    parser.add_argument("--markdown", default="docs/generated/memory_measured.md", help="docs fragment to write")
-    args = parser.parse_args(argv)
-    rows = []
-    for case in grid_cases():
-        rows.append(compare(case))
-        r = rows[-1]
-        print(f"{r['architecture']:6} {r['implementation']:9} V={r['vocab_size']:5} {r['adapter_dtype']:8} "
-              f"ckpt={r['gradient_checkpointing']!s:5} {r['batch_size']}x{r['seq_len']:<5} "
-              f"measured {r['measured_bytes']:>11,} calculated {r['calculated_bytes']:>11,} {100 * r['error']:+.3f}%",
-              flush=True)
+def _row_key(row: dict) -> tuple:
+    return tuple(row[k] for k in ("architecture", "implementation", "vocab_size", "adapter_dtype",
+                                  "gradient_checkpointing", "batch_size", "seq_len"))
+
+
+def _write(path_json: str, path_md: str, rows: list) -> None:
     slopes = slope_errors(rows)
     versions = {}
     for name in ("torch", "transformers", "peft", "bitsandbytes"):
         with contextlib.suppress(ImportError):
             versions[name] = __import__(name).__version__
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump({"versions": versions, "rows": rows, "slopes": [dict(s, configuration=list(s["configuration"]),
-                                                                        tokens=list(s["tokens"])) for s in slopes]},
+    with open(path_json, "w", encoding="utf-8") as f:
+        json.dump({"versions": versions, "rows": rows,
+                   "slopes": [dict(s, configuration=list(s["configuration"]), tokens=list(s["tokens"])) for s in slopes]},
                   f, indent=1)
-    with open(args.markdown, "w", encoding="utf-8") as f:
-        f.write(format_markdown(rows, slopes))
-    print(format_markdown(rows, slopes).splitlines()[-1])
+    if slopes:
+        with open(path_md, "w", encoding="utf-8") as f:
+            f.write(format_markdown(rows, slopes))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default="benchmarks/results/memory_measured.json", help="results file to write")
+    parser.add_argument("--markdown", default="docs/generated/memory_measured.md", help="docs fragment to write")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --json, measure the rest")
+    args = parser.parse_args(argv)
+    rows = []
+    if args.resume:
+        with contextlib.suppress(FileNotFoundError), open(args.json, encoding="utf-8") as f:
+            rows = json.load(f)["rows"]
+    done = {_row_key(r) for r in rows}
+    for case in grid_cases():
+        config, _ = case.config()
+        compare_key = (case.architecture, case.implementation, config.vocab_size, case.adapter_dtype,
+                       case.gradient_checkpointing, case.batch_size, case.seq_len)
+        if compare_key in done:
+            continue
+        row = compare(case)
+        rows.append(row)
+        print(f"{row['architecture']:6} {row['implementation']:9} V={row['vocab_size']:5} {row['adapter_dtype']:8} "
+              f"ckpt={row['gradient_checkpointing']!s:5} {row['batch_size']}x{row['seq_len']:<5} measured "
+              f"{row['measured_bytes']:>11,} calculated {row['calculated_bytes']:>11,} {100 * row['error']:+.3f}%",
+              flush=True)
+        _write(args.json, args.markdown, rows)  # after every row: a long run can be resumed
+    _write(args.json, args.markdown, rows)
     return 0
 
 

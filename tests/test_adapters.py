@@ -152,3 +152,20 @@ def test_inspect_command(tmp_path, model, capsys):
     data = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in data["adapter"]["rows"]] == [4, 2]
     assert main(["inspect", str(tmp_path / "nowhere")]) == 2
+
+
+def test_inspect_says_when_a_file_has_no_4bit_weights(tmp_path, capsys):
+    path = tmp_path / "dense.safetensors"
+    save_file({"model.embed_tokens.weight": np.zeros((4, 8), np.float32)}, str(path))
+    assert main(["inspect", str(path)]) == 1
+    assert "no 4-bit weights" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["checkpoint"]["rows"] == []
+
+
+def test_inspect_json_gives_numbers_as_numbers(tmp_path, capsys):
+    write_checkpoint(str(tmp_path / "m.safetensors"), {"proj": quantize_4bit(np.ones((64, 256), np.float32),
+                                                                              double_quant=True)})
+    assert main(["inspect", str(tmp_path / "m.safetensors"), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["checkpoint"]["rows"]
+    assert isinstance(row["bits/param"], float) and isinstance(row["stored bytes"], int)

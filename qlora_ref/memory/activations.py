@@ -266,7 +266,20 @@ def _norm_backward_bytes(model, tokens: int) -> int:
 
 
 def _loss_items(model, setup) -> list:
-    """The loss's tensors in the two loss phases (Note: the loss's memory)."""
+    """The loss's tensors in the two loss phases.
+
+    Note: the loss's memory
+        transformers' ``ForCausalLMLoss`` upcasts the logits (``logits.float()``, a copy unless
+        they are float32 already), pads the labels by one and takes a shifted contiguous copy,
+        and ``cross_entropy`` keeps its float32 log-softmax: in the loss forward the compute-
+        dtype logits, the float32 copy and the log-softmax exist at once. Its backward holds the
+        log-softmax, the gradient of the loss and the gradient of the logits, three float32
+        ``tokens x vocab`` tensors (measured: ``benchmarks/memory_measure.py``), then the final
+        norm's float32 backward (Note: the backward scratch). A fused chunked cross-entropy
+        (``loss_chunk_tokens``) makes the logits of one chunk at a time and their gradient in the
+        forward pass, and keeps the gradient of the hidden states instead (from the algorithm;
+        not measured here).
+    """
     c = INPUT_DTYPES[setup.compute_dtype].itemsize
     b, s = setup.batch_size, setup.seq_len
     tokens, h, v = b * s, model.hidden_size, model.vocab_size

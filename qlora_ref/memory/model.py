@@ -34,14 +34,19 @@ Note: the model of memory
        apart (``MemoryBreakdown.resident_bytes`` leaves them out).
     4. Activations kept for the backward pass (``qlora_ref.memory.activations``, Note:
        activations kept for backward).
-    5. A transient peak during the backward pass: the gradient of the logits, or with
-       checkpointing one decoder layer's recomputed activations; plus, for a 4-bit base, one
-       dequantized weight (bitsandbytes dequantizes a whole weight to the compute dtype for each
-       matmul of more than one token).
+    5. Transients of each phase of the step: the loss's float32 tensors, a decoder layer's
+       backward scratch (Note: the backward scratch), the gradients as they appear. The peak
+       is the fullest phase, not the sum of all items (``MemoryBreakdown``, Note: the peak of a
+       training step).
+    6. FSDP over ``num_gpus`` GPUs: every persistent item is split into per-GPU shards, two
+       decoder-layer units are gathered at a time and the root unit stays gathered; with CPU
+       offload the shards live in CPU RAM (``MemoryItem.where``).
 
-    Not counted: the CUDA context and kernels, cuBLAS workspaces, the caching allocator's
-    fragmentation, the token batch, optimizer step counters, gradients of hidden states in
-    flight during backward, and the key/value cache (there is none while training).
+    Validated against the measured peak of live tensor bytes of real training steps
+    (``benchmarks/memory_measure.py``). Not counted: scratch inside operators (attention and
+    cuBLAS workspaces), the CUDA context and the caching allocator (``qlora_ref.memory.fit``
+    sets a reserve apart for them), optimizer step counters, and a key/value cache (there is
+    none while training).
 """
 
 from __future__ import annotations
