@@ -191,3 +191,20 @@ def test_save_peft_adapter_refuses_what_one_config_cannot_hold(tmp_path):
     qlora_gpu.replace_linear_with_qlora(model, ["1"], r=2, compute_dtype=torch.float32)
     with pytest.raises(ValueError, match="rslora"):
         qlora_gpu.save_peft_adapter(model, tmp_path / "b")
+
+
+def test_inspect_says_when_a_file_has_no_4bit_weights(tmp_path, capsys):
+    path = tmp_path / "dense.safetensors"
+    save_file({"model.embed_tokens.weight": np.zeros((4, 8), np.float32)}, str(path))
+    assert main(["inspect", str(path)]) == 1
+    assert "no 4-bit weights" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["checkpoint"]["rows"] == []
+
+
+def test_inspect_json_gives_numbers_as_numbers(tmp_path, capsys):
+    write_checkpoint(str(tmp_path / "m.safetensors"), {"proj": quantize_4bit(np.ones((64, 256), np.float32),
+                                                                              double_quant=True)})
+    assert main(["inspect", str(tmp_path / "m.safetensors"), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["checkpoint"]["rows"]
+    assert isinstance(row["bits/param"], float) and isinstance(row["stored bytes"], int)

@@ -13,6 +13,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import ml_dtypes
@@ -24,17 +27,21 @@ from hypothesis import strategies as st
 from strategies import blocksizes
 
 from qlora_ref import quantize_4bit
-from qlora_ref.cli import main
+from qlora_ref.cli import build_parser, main
 from qlora_ref.memory import (
     LINEAR_NAMES,
     OPTIMIZERS,
+    RESERVE_BYTES,
     FinetuneSetup,
     ModelShape,
     estimate_memory,
+    fit_verdict,
     korthikanti_activation_bytes,
+    largest_fits,
     load_models,
     model_shape,
     optimizer_state_nbytes,
+    parse_size,
     published_parameters,
     quantized_tensor_nbytes,
     shape_from_config,
@@ -203,7 +210,7 @@ def test_adapter_and_gradient_bytes_equal_peft(tiny_checkpoints, targets):
     assert breakdown.item_bytes("LoRA adapters A, B") == sum(p.nbytes for p in trainable)
     ids = __import__("torch").randint(0, config.vocab_size, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
-    assert breakdown.category_bytes("gradients") == sum(p.grad.nbytes for p in trainable)
+    assert breakdown.item_bytes("gradients of trainable parameters") == sum(p.grad.nbytes for p in trainable)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_torch", "sgd_momentum", "paged_adamw_32bit", "adamw_8bit",
@@ -269,6 +276,15 @@ def _saved_activation_bytes(model, batch_size, seq_len, vocab_size):
     return sum(storages.values())
 
 
+def _expected_saved_bytes(breakdown, shape, batch_size, seq_len):
+    """What the calculator says autograd saves: the kept activations (not the token batch, nor the
+    embedding output, a leaf the graph holds without saving it), plus what the loss saves (labels,
+    float32 log-softmax) and the bf16 logits the output holds."""
+    leave_out = ("token batch", "embedding output")
+    kept = sum(i.nbytes for i in breakdown.items if i.category == "activations" and not i.name.startswith(leave_out))
+    return kept + batch_size * seq_len * (shape.vocab_size * (2 + 4) + 8)
+
+
 @pytest.mark.parametrize("targets, attention, dropout, checkpointing", [
     (LINEAR_NAMES, "sdpa", False, False),
     (("q_proj", "v_proj"), "sdpa", False, False),
@@ -290,7 +306,7 @@ def test_activation_bytes_equal_autograd_saved_tensors(tiny_checkpoints, targets
     setup = FinetuneSetup(target_modules=targets, rank=4, batch_size=batch_size, seq_len=seq_len,
                           gradient_checkpointing=checkpointing, attention=attention, lora_dropout=dropout)
     breakdown = estimate_memory(shape, setup)
-    expected = breakdown.category_bytes("activations")
+    expected = _expected_saved_bytes(breakdown, shape, batch_size, seq_len)
     if dropout:
         # CPU dropout keeps its mask in the input dtype (2 bytes); the model counts CUDA's fused
         # dropout, whose mask is bool (1 byte): one extra byte per masked element here.
@@ -298,8 +314,9 @@ def test_activation_bytes_equal_autograd_saved_tensors(tiny_checkpoints, targets
         masked = sum(layers[n][1] for n in targets) * shape.num_layers * batch_size * seq_len
         expected += masked
     if checkpointing:
-        # The checkpointed layers hold the RoPE tables by reference, not through saved-tensor hooks.
-        expected -= breakdown.item_bytes("RoPE cos/sin")
+        # The checkpointed layers hold the RoPE tables and position ids by reference, not through
+        # saved-tensor hooks.
+        expected -= breakdown.item_bytes("RoPE cos/sin, position ids")
     assert measured == expected
 
 
@@ -314,7 +331,8 @@ def test_full_finetune_activation_bytes_equal_autograd_saved_tensors(attention):
     measured = _saved_activation_bytes(model, 2, 24, config.vocab_size)
     setup = FinetuneSetup(quant_type=None, full_finetune=True, batch_size=2, seq_len=24, gradient_checkpointing=False,
                           attention=attention, norm_dtype="bfloat16")
-    assert measured == estimate_memory(shape_from_config("llama", config.to_dict(), arch), setup).category_bytes("activations")
+    shape = shape_from_config("llama", config.to_dict(), arch)
+    assert measured == _expected_saved_bytes(estimate_memory(shape, setup), shape, 2, 24)
 
 
 def test_activations_against_korthikanti_formula():
@@ -352,8 +370,8 @@ def test_qlora_paper_65b_fits_one_48gb_gpu():
     # 32-bit AdamW, gradient checkpointing; the paper's memory figure uses batch 1, 512 tokens.
     llama65 = model_shape("llama-65b")
     qlora = estimate_memory(llama65, FinetuneSetup(batch_size=1, seq_len=512))
-    # The calculator's total is about 45.4 GB (42.3 GiB): it fits, with about 2.6 GB to spare
-    # against 48e9 bytes (5.7 GiB against a 48 GiB card). The difference is what the
+    # The calculator's peak is about 44.6 GB (41.6 GiB): it fits, with about 3.4 GB to spare
+    # against 48e9 bytes (6.4 GiB against a 48 GiB card). The difference is what the
     # calculator leaves out (CUDA context, cuBLAS workspaces, allocator fragmentation) and
     # room for longer sequences; the paged optimizer state (6.4 GB) can also be evicted to CPU.
     assert 44 * GB < qlora.total_bytes < 48 * GB
@@ -375,7 +393,7 @@ def test_qlora_paper_65b_fits_one_48gb_gpu():
 def test_cli_table_and_json(capsys):
     assert main(["memory", "--model", "llama-2-7b", "--seq-len", "1024"]) == 0
     table = capsys.readouterr().out
-    assert "llama-2-7b" in table and "total" in table and "LoRA adapters A, B" in table
+    assert "llama-2-7b" in table and "peak (" in table and "LoRA adapters A, B" in table
     assert main(["memory", "--model", "llama-2-7b", "--seq-len", "1024", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     expected = estimate_memory(model_shape("llama-2-7b"), FinetuneSetup(seq_len=1024))
@@ -399,14 +417,17 @@ def test_cli_shape_flags_and_overrides(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "llama-2-7b", "--rank", "0"], "rank must be positive"),
+    (["--model", "llama-2-7b", "--rank", "0"], "--rank must be at least 1"),
     (["--model", "lama-2-7b"], "did you mean llama-2-7b"),
     (["--model", "llama-2-7b", "--hidden-size", "-4096"], "hidden_size must be positive"),
     (["--hidden-size", "64"], "missing --intermediate-size"),
     (["--model", "phi-2", "--targets", "q_proj,gate_proj"], "no linear layers ['gate_proj']"),
     (["--model", "llama-2-7b", "--targets", "q,v"], "unknown target modules"),
-    (["--model", "llama-2-7b", "--full-finetune"], "cannot stay 4-bit"),
-    (["--model", "llama-2-7b", "--batch-size", "-1"], "batch_size must be positive"),
+    (["--model", "llama-2-7b", "--full-finetune"], "cannot stay 4-bit: add --quant none"),
+    (["--model", "llama-2-7b", "--batch-size", "-1"], "--batch-size must be at least 1"),
+    (["--model", "llama-2-7b", "--gpu", "24XB"], "--gpu '24XB' is not a size"),
+    (["--model", "llama-2-7b", "--gpu", "1GB", "--reserve", "2GB"], "leaves nothing of --gpu"),
+    (["--model", "llama-2-7b", "--gpus", "0"], "--gpus must be at least 1"),
 ])
 def test_cli_bad_input(capsys, argv, message):
     assert main(["memory", *argv]) == 2
@@ -451,3 +472,81 @@ def test_estimate_memory_rejects_wrong_types():
         estimate_memory("llama-2-7b")
     with pytest.raises(ValueError, match="unknown model"):
         model_shape("gpt-5")
+
+
+# -- will it fit -------------------------------------------------------------------------------
+
+
+def test_cli_fit_verdicts_for_70b(capsys):
+    assert main(["memory", "--model", "llama-2-70b", "--gpu", "48GB"]) == 0
+    out = capsys.readouterr().out
+    assert "Verdict: FITS on 48.00 GiB" in out and "Largest micro-batch that fits" in out
+    assert main(["memory", "--model", "llama-2-70b", "--gpu", "24GB"]) == 0
+    assert "Verdict: DOES NOT FIT on 24.00 GiB" in capsys.readouterr().out
+    assert main(["memory", "--model", "llama-2-70b", "--gpus", "2", "--gpu", "24GB", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)["fit"]
+    assert fit["fits"] is True and isinstance(fit["margin_bytes"], int) and fit["margin_bytes"] > 0
+    assert fit["usable_bytes"] == 23 * 2**30 and fit["reserve_bytes"] == RESERVE_BYTES
+    best = [r for r in fit["largest_fits"] if r["gradient_checkpointing"] and r["seq_len"] == 512][0]
+    assert isinstance(best["batch_size"], int) and best["batch_size"] >= 1
+
+
+def test_fit_sweep_is_the_largest_batch_that_fits():
+    model, gpu = model_shape("llama-2-7b"), 24 * 2**30
+    for row in largest_fits(model, FinetuneSetup(), gpu, seq_lens=(1024, 4096)):
+        setup = FinetuneSetup(seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"])
+        if row["batch_size"]:
+            assert fit_verdict(model, replace(setup, batch_size=row["batch_size"]), gpu)["fits"]
+        nxt = {0: 1}.get(row["batch_size"], 2 * row["batch_size"])
+        assert not fit_verdict(model, replace(setup, batch_size=nxt), gpu)["fits"]
+
+
+def test_fsdp_shards_persistent_state_and_offload_moves_it_to_cpu():
+    model = model_shape("llama-2-70b")
+    one = estimate_memory(model, FinetuneSetup())
+    two = estimate_memory(model, FinetuneSetup(num_gpus=2))
+    off = estimate_memory(model, FinetuneSetup(num_gpus=2, cpu_offload=True))
+    codes = one.item_bytes("linear weights: 4-bit codes")
+    assert two.item_bytes("linear weights: 4-bit codes") == -(-codes // 2)
+    assert off.cpu_bytes > codes // 2 and off.resident_bytes < two.resident_bytes < one.resident_bytes
+
+
+def test_peak_is_the_fullest_phase_not_the_sum():
+    b = estimate_memory(model_shape("llama-2-7b"), FinetuneSetup(seq_len=2048))
+    per_phase = b.phase_bytes()
+    assert b.total_bytes == max(per_phase.values()) < sum(i.nbytes for i in b.items)
+    assert b.peak_phase in per_phase
+
+
+@pytest.mark.parametrize("text, nbytes", [("24GB", 24 * 2**30), ("80 GiB", 80 * 2**30), ("512MiB", 512 * 2**20),
+                                          ("1.5GiB", 3 * 2**29), ("1000", 1000), ("2MB", 2 * 10**6)])
+def test_parse_size(text, nbytes):
+    assert parse_size(text) == nbytes
+
+
+def test_help_shows_real_defaults_and_helps_every_option():
+    parser = build_parser()
+    memory_parser = parser._subparsers._group_actions[0].choices["memory"]
+    text = " ".join(memory_parser.format_help().split())  # undo line wrapping
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 64)" in text and "(default: paged_adamw_32bit)" in text
+    for action in memory_parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+def test_json_piped_to_a_closed_reader_ends_quietly():
+    proc = subprocess.Popen([sys.executable, "-c", "from qlora_ref.cli import main; raise SystemExit(main())",
+                             "memory", "--model", "llama-2-70b", "--gpu", "24GB", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader goes away before the command writes, as `| head -0` would
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+
+
+def test_vectors_out_existing_file_is_a_cli_error(tmp_path, capsys):
+    existing = tmp_path / "taken"
+    existing.write_text("")
+    assert main(["vectors", "--out", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qlora-ref vectors: error:") and str(existing) in err

@@ -12,6 +12,7 @@ through the provider registry's plug-in point (``qlora_ref.conformance.providers
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qlora_ref.cli import check, inspect, memory, report, vectors
@@ -40,7 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # The reader went away (``qlora-ref memory --json | head``): stop quietly, as a tool
+        # killed by SIGPIPE would, and keep Python from complaining again at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
     except (ValueError, TypeError, OSError) as exc:  # user errors (bad input, a file problem): no traceback
         print(f"qlora-ref {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ __all__ = ["inspect_checkpoint", "inspect_adapter", "layer_warnings", "register"
 
 
 def inspect_checkpoint(ckpt) -> tuple[list, list]:
-    """Return ``(headers, rows)`` of a checkpoint's 4-bit weights, sorted by name.
+    """Return ``(headers, rows)`` of a checkpoint's 4-bit weights, sorted by name (numbers as numbers).
 
     Examples
     --------
@@ -42,7 +42,7 @@ def inspect_checkpoint(ckpt) -> tuple[list, list]:
     for name, layer in sorted(ckpt.layers.items()):
         s = layer.state
         rows.append([name or "(root)", "x".join(str(d) for d in s.shape), s.quant_type, s.blocksize,
-                     "yes" if s.double_quant else "no", layer.stored_bytes, f"{layer.bits_per_parameter:.3f}"])
+                     "yes" if s.double_quant else "no", layer.stored_bytes, float(layer.bits_per_parameter)])
     return headers, rows
 
 
@@ -93,7 +93,7 @@ def inspect_adapter(adapter, ckpt=None) -> tuple[list, list]:
     headers = ["LoRA module", "rank", "alpha", "scaling", "DoRA", "in", "out", "base"]
     rows = []
     for module, layer in sorted(adapter.layers.items()):
-        rows.append([module, layer.r, f"{layer.alpha:g}", f"{layer.scaling:.4g}", "yes" if layer.use_dora else "no",
+        rows.append([module, layer.r, float(layer.alpha), float(layer.scaling), "yes" if layer.use_dora else "no",
                      layer.A.shape[1], layer.B.shape[0], bases.get(module, "-")])
     return headers, rows
 
@@ -121,6 +121,9 @@ def _run(args) -> int:
         summary = (f"{len(ckpt.layers)} 4-bit weights, {numel} parameters in {stored} bytes"
                    + (f" ({8 * stored / numel:.3f} bits/param)" if numel else "")
                    + f"; {len(ckpt.tensors)} other tensors in {other} bytes")
+        if not ckpt.layers:
+            summary = (f"no 4-bit weights: {path} holds {len(ckpt.tensors)} other tensors in {other} bytes "
+                       "(a 16-bit checkpoint, or not a QLoRA one)")
         tables.append(("checkpoint", headers, rows, summary))
     if adapter is not None:
         headers, rows = inspect_adapter(adapter, ckpt)
@@ -129,19 +132,21 @@ def _run(args) -> int:
                    f"use_rslora={bool(c.get('use_rslora', False))}, use_dora={bool(c.get('use_dora', False))}")
         tables.append(("adapter", headers, rows, summary))
     warnings = [w for layer in (ckpt.layers.values() if ckpt is not None else ()) for w in layer_warnings(layer)]
+    status = 1 if ckpt is not None and not ckpt.layers else 0  # nothing 4-bit to inspect
     if args.json:
         result = {kind: {"rows": [dict(zip(h, r)) for r in rows], "summary": summary}
                   for kind, h, rows, summary in tables}
         result["warnings"] = warnings
         print(json.dumps(result, indent=2))
-        return 0
+        return status
     out = []
     for kind, headers, rows, summary in tables:
         title = f"{'Checkpoint ' + str(path) if kind == 'checkpoint' else 'Adapter ' + str(adapter_path)}"
-        out += [format_table(headers, rows, title=title), summary, ""]
+        text_rows = [[f"{c:.4g}" if isinstance(c, float) else c for c in row] for row in rows]
+        out += ([format_table(headers, text_rows, title=title)] if rows else [title]) + [summary, ""]
     out += [f"warning: {w}" for w in warnings]
     print("\n".join(out).rstrip())
-    return 0
+    return status
 
 
 def register(subparsers) -> None:

@@ -6,5 +6,8 @@ model shapes (``models.json`` beside it). The calculator's public names (its ``_
 re-exported here.
 """
 
+from qlora_ref.memory.fit import RESERVE_BYTES, fit_verdict, largest_fits, parse_size
 from qlora_ref.memory.model import *  # noqa: F403  (the calculator's public names, listed once)
-from qlora_ref.memory.model import __all__  # noqa: F401
+from qlora_ref.memory.model import __all__ as _calculator_names
+
+__all__ = [*_calculator_names, "RESERVE_BYTES", "parse_size", "fit_verdict", "largest_fits"]

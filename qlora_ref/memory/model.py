@@ -34,23 +34,28 @@ Note: the model of memory
        apart (``MemoryBreakdown.resident_bytes`` leaves them out).
     4. Activations kept for the backward pass (``qlora_ref.memory.activations``, Note:
        activations kept for backward).
-    5. A transient peak during the backward pass: the gradient of the logits, or with
-       checkpointing one decoder layer's recomputed activations; plus, for a 4-bit base, one
-       dequantized weight (bitsandbytes dequantizes a whole weight to the compute dtype for each
-       matmul of more than one token).
+    5. Transients of each phase of the step: the loss's float32 tensors, a decoder layer's
+       backward scratch (Note: the backward scratch), the gradients as they appear. The peak
+       is the fullest phase, not the sum of all items (``MemoryBreakdown``, Note: the peak of a
+       training step).
+    6. FSDP over ``num_gpus`` GPUs: every persistent item is split into per-GPU shards, two
+       decoder-layer units are gathered at a time and the root unit stays gathered; with CPU
+       offload the shards live in CPU RAM (``MemoryItem.where``).
 
-    Not counted: the CUDA context and kernels, cuBLAS workspaces, the caching allocator's
-    fragmentation, the token batch, optimizer step counters, gradients of hidden states in
-    flight during backward, and the key/value cache (there is none while training).
+    Validated against the measured peak of live tensor bytes of real training steps
+    (``benchmarks/memory_measure.py``). Not counted: scratch inside operators (attention and
+    cuBLAS workspaces), the CUDA context and the caching allocator (``qlora_ref.memory.fit``
+    sets a reserve apart for them), optimizer step counters, and a key/value cache (there is
+    none while training).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from qlora_ref.codebooks import codebook
 from qlora_ref.double_quant import DYNAMIC_MAP
-from qlora_ref.memory.activations import activation_items, korthikanti_activation_bytes
+from qlora_ref.memory.activations import PHASES, activation_items, korthikanti_activation_bytes
 from qlora_ref.memory.shapes import (  # re-exported: the calculator's public names
     LINEAR_NAMES,
     NORMS,
@@ -71,6 +76,8 @@ __all__ = [
     "MemoryBreakdown",
     "LINEAR_NAMES",
     "OPTIMIZERS",
+    "LORA_LAYERS",
+    "PHASES",
     "load_models",
     "model_shape",
     "shape_from_config",
@@ -97,6 +104,8 @@ OPTIMIZERS = {
     "sgd": (0, "param", False),
     "sgd_momentum": (1, "param", False),
 }
+#: How an adapted layer runs (``FinetuneSetup.lora_layer``).
+LORA_LAYERS = ("peft", "fused")
 #: bitsandbytes' 8-bit optimizers: values per absmax block, and the smallest tensor they quantize.
 OPTIMIZER_BLOCKSIZE = 256
 OPTIMIZER_MIN_8BIT_SIZE = 4096
@@ -141,6 +150,24 @@ class FinetuneSetup:
         Whether LoRA dropout is active (its probability does not change the memory).
     full_finetune : bool
         Train every parameter instead of adapters (needs ``quant_type=None``).
+    lora_layer : {"peft", "fused"}
+        How the adapted layer runs: ``"peft"`` (PEFT's LoRA layer around the frozen base: the
+        base and each adapter are separate autograd nodes; with adapters in another dtype than
+        the compute dtype each adapter casts and keeps its own copy of the input) or ``"fused"``
+        (one autograd function for base and adapter, as ``qlora_gpu``'s ``QLoRALinear``: it keeps
+        the input once and recomputes ``A x``).
+    loss_chunk_tokens : int or None
+        None: the loss as transformers computes it (float32 logits of every token, then
+        ``cross_entropy``). An int: a fused, chunked linear cross-entropy (Liger's
+        ``FusedLinearCrossEntropy``, Cut Cross-Entropy) that makes the logits of that many tokens
+        at a time and their gradient in the forward pass.
+    num_gpus : int
+        Data-parallel GPUs. Above 1, FSDP shards the base weights, adapters, gradients and
+        optimizer state over them (each decoder layer one FSDP unit, as Answer.AI's FSDP-QLoRA
+        wraps it); each GPU runs its own ``batch_size x seq_len`` micro-batch.
+    cpu_offload : bool
+        FSDP's CPU offload: sharded parameters, gradients and optimizer state live in CPU RAM; the
+        GPU holds only the units being computed (FSDP offloads on one GPU too).
     """
 
     quant_type: str | None = "nf4"
@@ -160,14 +187,22 @@ class FinetuneSetup:
     attention: str = "sdpa"
     lora_dropout: bool = False
     full_finetune: bool = False
+    lora_layer: str = "peft"
+    loss_chunk_tokens: int | None = None
+    num_gpus: int = 1
+    cpu_offload: bool = False
 
     def __post_init__(self):
         if self.quant_type is not None and self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES} or None, got {self.quant_type!r}")
         if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize {self.blocksize!r} is not allowed; use one of {BLOCKSIZES}")
-        for f in ("rank", "batch_size", "seq_len"):
+        for f in ("rank", "batch_size", "seq_len", "num_gpus"):
             check_positive_int(f, getattr(self, f))
+        if self.loss_chunk_tokens is not None:
+            check_positive_int("loss_chunk_tokens", self.loss_chunk_tokens)
+        if self.lora_layer not in LORA_LAYERS:
+            raise ValueError(f"lora_layer must be one of {LORA_LAYERS}, got {self.lora_layer!r}")
         for f in ("adapter_dtype", "compute_dtype", "base_dtype", "norm_dtype"):
             _dtype_bytes(getattr(self, f), f)
         if self.optimizer not in OPTIMIZERS:
@@ -212,18 +247,32 @@ class FinetuneSetup:
 
 @dataclass(frozen=True)
 class MemoryItem:
-    """One kind of buffer: its name, category, bytes, and whether it is paged."""
+    """One kind of buffer: its name, category, bytes, whether it is paged, and when it is live.
+
+    ``phases`` names the phases of a training step (``PHASES``) in which the buffer exists;
+    weights, adapters and optimizer state exist in all of them. ``where`` is ``"gpu"``, or
+    ``"cpu"`` for what FSDP's CPU offload keeps in host RAM (not counted against the GPU).
+    """
 
     name: str
     category: str
     nbytes: int
     paged: bool = False
     note: str = ""
+    phases: tuple = PHASES
+    where: str = "gpu"
 
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """The result of ``estimate_memory``: items, totals and parameter counts."""
+    """The result of ``estimate_memory``: items, the peak over the step's phases, parameter counts.
+
+    Note: the peak of a training step
+        A step passes through phases (``PHASES``) and each buffer lives in some of them (Note:
+        the model of memory). The memory a GPU must hold is the largest phase sum, the peak,
+        not the sum of every item: the loss's float32 tensors are gone before the decoder
+        layers' gradients exist, and activations are gone before the optimizer step.
+    """
 
     model: ModelShape
     setup: FinetuneSetup
@@ -232,19 +281,35 @@ class MemoryBreakdown:
     trainable_parameters: int
     quantized_parameters: int = field(default=0)
 
+    def phase_bytes(self, *, paged: bool = True) -> dict:
+        """``{phase: bytes on the GPU in that phase}``; ``paged=False`` leaves paged state out."""
+        return {phase: sum(i.nbytes for i in self.items if phase in i.phases and i.where == "gpu"
+                           and (paged or not i.paged)) for phase in PHASES}
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase in which the GPU holds the most (the first, on a tie)."""
+        per_phase = self.phase_bytes()
+        return max(PHASES, key=lambda phase: per_phase[phase])
+
     @property
     def total_bytes(self) -> int:
-        """Every counted byte, paged optimizer state and the transient peak included."""
-        return sum(item.nbytes for item in self.items)
+        """The peak: bytes on the GPU in the fullest phase, paged optimizer state included."""
+        return max(self.phase_bytes().values())
 
     @property
     def resident_bytes(self) -> int:
-        """``total_bytes`` without paged optimizer state (which can be evicted to CPU RAM)."""
-        return sum(item.nbytes for item in self.items if not item.paged)
+        """The peak without paged optimizer state (which can be evicted to CPU RAM)."""
+        return max(self.phase_bytes(paged=False).values())
+
+    @property
+    def cpu_bytes(self) -> int:
+        """What FSDP's CPU offload keeps in host RAM (per GPU's shard)."""
+        return sum(i.nbytes for i in self.items if i.where == "cpu")
 
     def category_bytes(self, category: str) -> int:
         """Sum of the items of one category (``weights``, ``adapters``, ``gradients``,
-        ``optimizer``, ``activations``, ``transient``)."""
+        ``optimizer``, ``activations``, ``transient``), whatever their phase."""
         return sum(item.nbytes for item in self.items if item.category == category)
 
     def item_bytes(self, name: str) -> int:
@@ -255,38 +320,49 @@ class MemoryBreakdown:
         raise KeyError(name)
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict: model, setup, items, totals."""
+        """A JSON-ready dict: model, setup, items, phases, the peak (numbers as numbers)."""
         return {
             "model": asdict(self.model),
             "setup": asdict(self.setup),
-            "items": [asdict(item) for item in self.items],
+            "items": [asdict(item) | {"phases": list(item.phases)} for item in self.items],
+            "phase_bytes": self.phase_bytes(),
+            "peak_phase": self.peak_phase,
             "base_parameters": self.base_parameters,
             "trainable_parameters": self.trainable_parameters,
             "quantized_parameters": self.quantized_parameters,
             "total_bytes": self.total_bytes,
             "resident_bytes": self.resident_bytes,
+            "cpu_bytes": self.cpu_bytes,
         }
 
     def format_table(self) -> str:
-        """Return the breakdown as an aligned text table with totals."""
+        """Return the breakdown as an aligned text table: items, then each phase's sum and the peak."""
+        peak = self.peak_phase
         total = self.total_bytes
-        rows = [
-            [item.name, item.category, item.nbytes, format_bytes(item.nbytes),
-             f"{100.0 * item.nbytes / total:.1f}%", (item.note + " (paged)" if item.paged else item.note).strip()]
-            for item in self.items if item.nbytes
-        ]
-        rows.append(["total", "", total, format_bytes(total), "100.0%", ""])
+        rows = []
+        for item in self.items:
+            if not item.nbytes:
+                continue
+            at_peak = "cpu" if item.where == "cpu" else ("yes" if peak in item.phases else "no")
+            note = (item.note + " (paged)" if item.paged else item.note).strip()
+            rows.append([item.name, item.category, item.nbytes, format_bytes(item.nbytes), at_peak, note])
+        for phase, nbytes in self.phase_bytes().items():
+            rows.append([f"phase: {phase}", "", nbytes, format_bytes(nbytes), "peak" if phase == peak else "", ""])
+        rows.append([f"peak ({peak})", "", total, format_bytes(total), "", ""])
         if self.resident_bytes != total:
-            rows.append(["total without paged state", "", self.resident_bytes, format_bytes(self.resident_bytes),
-                         f"{100.0 * self.resident_bytes / total:.1f}%", ""])
+            rows.append(["peak without paged state", "", self.resident_bytes, format_bytes(self.resident_bytes), "", ""])
+        if self.cpu_bytes:
+            rows.append(["in CPU RAM (offloaded)", "", self.cpu_bytes, format_bytes(self.cpu_bytes), "", ""])
         s = self.setup
         base = f"{s.quant_type}, block {s.blocksize}, double quant {'on' if s.double_quant else 'off'}" if s.quant_type else f"{s.base_dtype}"
         where = "all linear layers" if s.target_modules == "all-linear" else ",".join(s.targets(self.model))
-        train = "full fine-tune" if s.full_finetune else f"LoRA r={s.rank} on {where}"
+        train = "full fine-tune" if s.full_finetune else f"LoRA r={s.rank} on {where} ({s.adapter_dtype})"
+        gpus = "" if s.num_gpus == 1 and not s.cpu_offload else (
+            f"; FSDP over {s.num_gpus} GPU{'s' if s.num_gpus > 1 else ''}{', CPU offload' if s.cpu_offload else ''} (per GPU)")
         title = (f"{self.model.name}: {self.base_parameters:,} parameters ({base}); {train}, "
                  f"{self.trainable_parameters:,} trainable; {s.optimizer}; batch {s.batch_size} x {s.seq_len} tokens, "
-                 f"checkpointing {'on' if s.gradient_checkpointing else 'off'}")
-        return format_table(["component", "category", "bytes", "size", "share", "note"], rows, title=title)
+                 f"checkpointing {'on' if s.gradient_checkpointing else 'off'}{gpus}")
+        return format_table(["component", "category", "bytes", "size", "at peak", "note"], rows, title=title)
 
 
 def format_bytes(nbytes: int) -> str:
@@ -412,6 +488,38 @@ def _weight_items(model: ModelShape, setup: FinetuneSetup) -> tuple[list, int]:
     return items, quantized
 
 
+def _layer_unit_bytes(items: list, model: ModelShape) -> int:
+    """Bytes of one decoder layer's share of the weights and adapters (one FSDP unit, gathered)."""
+    per_layer = 0
+    for item in items:
+        if item.category == "adapters" or item.name.startswith("linear weights"):
+            per_layer += item.nbytes // model.num_layers
+    return per_layer
+
+
+def _sharded(model: ModelShape, setup: FinetuneSetup, items: list) -> list:
+    """FSDP over ``setup.num_gpus`` GPUs, with or without CPU offload (Note: the model of memory, 6).
+
+    Every persistent item becomes its per-GPU shard (``ceil(bytes / N)``); with offload the
+    shards move to CPU RAM. Each GPU then gathers two decoder-layer units at a time (the one
+    computing and the one prefetched) in the forward and the layer backward, and keeps the
+    root unit (embeddings, head, final norm) gathered through the step.
+    """
+    if setup.num_gpus == 1 and not setup.cpu_offload:
+        return items
+    n = setup.num_gpus
+    unit = _layer_unit_bytes(items, model)
+    root = sum(i.nbytes for i in items if i.name.startswith(("embeddings", "norms")))
+    where = "cpu" if setup.cpu_offload else "gpu"
+    out = [replace(i, nbytes=-(-i.nbytes // n), note=(i.note + f", 1/{n} shard").lstrip(", "), where=where)
+           for i in items]
+    out.append(MemoryItem("FSDP: root unit gathered (embeddings, head, final norm)", "weights",
+                          root - (0 if setup.cpu_offload else -(-root // n))))
+    out.append(MemoryItem("FSDP: two decoder-layer units gathered (computing, prefetched)", "transient", 2 * unit,
+                          phases=("backward: top layer", "backward: bottom layer")))
+    return out
+
+
 def estimate_memory(model: ModelShape, setup: FinetuneSetup | None = None) -> MemoryBreakdown:
     """Return the memory of fine-tuning ``model`` with ``setup``, item by item.
 
@@ -457,8 +565,15 @@ def estimate_memory(model: ModelShape, setup: FinetuneSetup | None = None) -> Me
     if not setup.full_finetune:
         items.append(MemoryItem("LoRA adapters A, B", "adapters",
                                 sum(n * _dtype_bytes(d, "adapter_dtype") for n, d in trainable), note=setup.adapter_dtype))
-    items.append(MemoryItem("gradients of trainable parameters", "gradients",
-                            sum(n * _dtype_bytes(d, "dtype") for n, d in trainable)))
+    # Gradients appear as the backward pass reaches each layer (set to None between steps).
+    grads = sum(n * _dtype_bytes(d, "dtype") for n, d in trainable)
+    if setup.full_finetune:
+        items.append(MemoryItem("gradients of trainable parameters", "gradients", grads,
+                                phases=("backward: bottom layer", "optimizer step")))
+    else:  # a layer's first adapter gradients are counted with its backward scratch
+        items.append(MemoryItem("gradients of the adapters of layers above 0", "gradients",
+                                grads // model.num_layers * (model.num_layers - 1), phases=("backward: bottom layer",)))
+        items.append(MemoryItem("gradients of trainable parameters", "gradients", grads, phases=("optimizer step",)))
     if setup.master_weights:
         items.append(MemoryItem("float32 master weights", "optimizer", n_trainable * _FLOAT32))
     n_states, storage, paged = OPTIMIZERS[setup.optimizer]
@@ -466,7 +581,8 @@ def estimate_memory(model: ModelShape, setup: FinetuneSetup | None = None) -> Me
     if storage == "blockwise8" and any(n >= OPTIMIZER_MIN_8BIT_SIZE for n, _ in trainable):
         state += n_states * OPTIMIZER_BLOCKSIZE * _FLOAT32  # the shared 8-bit maps, one per state
     items.append(MemoryItem(f"optimizer state ({setup.optimizer})", "optimizer", state, paged=paged))
-    items += [MemoryItem(name=name, category=category, nbytes=nbytes, note=note)
-              for name, category, nbytes, note in activation_items(model, setup)]
+    items = _sharded(model, setup, items)
+    items += [MemoryItem(name=name, category=category, nbytes=nbytes, note=note, phases=phases)
+              for name, category, nbytes, note, phases in activation_items(model, setup)]
     return MemoryBreakdown(model=model, setup=setup, items=tuple(items), base_parameters=model.num_parameters(),
                            trainable_parameters=n_trainable, quantized_parameters=quantized)
