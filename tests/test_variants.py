@@ -13,8 +13,7 @@ import pytest
 
 from qlora_ref.classify import UNCLASSIFIED, classify_decoded
 from qlora_ref.codebooks import codebook
-from qlora_ref.quantize import decode_4bit, dequantize_4bit, pack_4bit, quantize_4bit, unpack_4bit
-from qlora_ref.state import QuantState
+from qlora_ref.quantize import decode_4bit, dequantize_4bit, quantize_4bit, unpack_4bit
 from qlora_ref.variants import (
     DECODE_MODELS,
     decode_model,
