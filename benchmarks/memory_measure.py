@@ -1,7 +1,7 @@
 """Measured peak of live tensor bytes in one real QLoRA training step, on CPU, against the calculator.
 
 Pairs with ``qlora_ref.memory`` (``estimate_memory``: Note: the model of memory) and
-``qlora_ref.memory_activations`` (Note: the peak of a training step). The calculator is a formula;
+``qlora_ref.memory.activations`` (Note: the peak of a training step). The calculator is a formula;
 this module runs the thing it describes and counts bytes:
 
 - a small real transformers model (Llama with grouped-query attention, or Qwen2 with its q/k/v

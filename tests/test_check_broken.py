@@ -19,7 +19,6 @@ from qlora_ref.blockwise import blockwise_absmax, decode_4bit, encode_4bit, pack
 from qlora_ref.cli import main
 from qlora_ref.codebooks import codebook, normal_float_codebook
 from qlora_ref.conformance.implementations import resolve
-from qlora_ref.conformance.run import check_implementations
 from qlora_ref.double_quant import double_quantize
 from qlora_ref.state import numpy_dtype
 
@@ -214,17 +213,15 @@ BROKEN = [
 
 @pytest.mark.parametrize("spec,diagnosis,options", BROKEN, ids=[b[0].split(":")[1].strip(",") for b in BROKEN])
 def test_broken_implementation_fails_with_its_diagnosis(spec, diagnosis, options, capsys):
-    assert main(["check", spec, "--rounds", "0", "--no-time", *options]) == 1  # options may add random rounds
+    # The golden vectors alone, except where an option adds the random inputs.
+    assert main(["check", spec, "--rounds", "0", "--no-time", *options]) == 1
     out = capsys.readouterr().out
     assert diagnosis in out, out[-3000:]
-    assert "reproduced by the model" not in out.split("codes and absmax")[0] or "unexplained" in out
 
 
 def test_a_wrong_offset_is_caught_at_any_size():
     # 8192 blocks: the old tolerance, (n - 1) * 2^-24 relative, let an n + 1 divisor pass.
     x = np.random.default_rng(0).standard_normal(8192 * 64).astype(np.float32)
-    rows = check_implementations([resolve("test_check_broken:OffsetDividedByNPlusOne")], use_vectors=False, rounds=0)
-    assert rows == []  # no random cases: run the comparison directly
     from qlora_ref.conformance.compare import Row, check_quantize
     from qlora_ref.conformance.vector_cases import quantize_case
 

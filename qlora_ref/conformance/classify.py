@@ -304,8 +304,6 @@ def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, t
     padded = np.zeros(n_nested * blocksize, dtype=np.float64)
     padded[: v.size] = np.abs(v)
     c = padded.reshape(n_nested, blocksize).max(axis=1)[index // blocksize]  # nested absmax
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = v[index] / c  # float64: the exact ratio to within 2^-53
     ai, bi = a[index], b[index]
     midpoint = (t[np.minimum(ai, bi)] + t[np.maximum(ai, bi)]) / 2.0
     classes = np.full(index.size, UNCLASSIFIED, dtype=object)

@@ -297,6 +297,28 @@ def _hard_cases():
                                     description="1, 3 or 65 elements: a padded last byte, a partial block")
 
 
+def _path_cases():
+    """Shapes that reach every decode path of bitsandbytes' CPU backend (``qlora_ref.conformance.variants``,
+    Note: bitsandbytes CPU decode paths): last dimensions that are a multiple of 16 with blocks
+    crossing rows (2-D and 3-D, blocksizes 32 to 2048), an even one that is not, and blocks of
+    a normal absmax whose products are float32 subnormals."""
+    shapes = (("rows16", (40, 48), 32), ("rows16-3d", (2, 3, 80), 64), ("even34", (5, 34), 64),
+              ("rows16-b2048", (2, 2080), 2048))
+    for quant_type in _QUANT_TYPES:
+        for dtype in _DTYPES:
+            for family, shape, bs in shapes:
+                name = f"{family}-{quant_type}-b{bs}-{dtype}"
+                rng = case_rng(name)
+                n = int(np.prod(shape))
+                x = _normal_blocks(rng, n, bs)
+                tiny = np.repeat(rng.random(-(-n // bs)) < 0.3, bs)[:n]  # some blocks around 1e-37
+                x[tiny] = rng.standard_normal(int(tiny.sum())) * 1e-37
+                yield quantize_case(name, x.reshape(shape).astype(numpy_dtype(dtype)), blocksize=bs,
+                                    quant_type=quant_type, tags=["paths"],
+                                    description=f"shape {shape}: a decode path of bitsandbytes' CPU backend; "
+                                                "some blocks with a normal absmax and subnormal products")
+
+
 # ----------------------------------------------------------------------------- other kinds
 
 
@@ -464,6 +486,6 @@ def build_cases() -> list:
         Deterministic: the same inputs and outputs on every run (see Note: golden-vector cases).
     """
     cases = []
-    for make in (_main_cases, _hard_cases, _double_quant_cases, _dequantize_cases, _lora_cases):
+    for make in (_main_cases, _hard_cases, _path_cases, _double_quant_cases, _dequantize_cases, _lora_cases):
         cases.extend(make())
     return cases
