@@ -3,7 +3,9 @@
 Pairs with ``x @ qlora_ref.qlora.qlora_base_weight(packed, state, compute_dtype=x.dtype).T``
 (the base term of the oracle's ``qlora_forward``): the weight is decoded, rounded to the dtype of
 ``x`` (the compute dtype), and multiplied with float32 accumulation; results are compared in
-the derived tolerance tier.
+the derived tolerance tier. The fused Triton kernel with a single row multiplies the float32
+decoded weight instead, unrounded (``qlora_gpu.kernels.matmul``, Note: the one-row product's
+weights).
 
 Public API
 ----------

@@ -8,10 +8,12 @@ executes every program of the grid in NumPy. With CUDA the same tests run on the
 Note: what the interpreter does not show
     The interpreter checks the kernels' logic and arithmetic (it is NumPy underneath), not
     GPU-only behaviour: the lowering of ``tl.math.div_rn`` and of the bf16 dot, FMA contraction
-    (the launches pass ``enable_fp_fusion=False``), denormal handling, and speed. Two of its own
-    deviations are worked around in the kernels and pinned here: it truncates float32 -> bf16
-    casts (``cast_rne`` rounds on the bits instead), and its ``tl.dot`` multiplies bf16 bit
-    patterns as integers (the kernel upcasts to float32 under the interpreter only).
+    (the launches pass ``enable_fp_fusion=False``; ``tests/test_kernel_report.py`` checks the
+    PTX compiled for sm_80 and sm_90), denormal handling, and speed. Two of its own deviations
+    are worked around in the kernels under the interpreter only and pinned here: it truncates
+    float32 -> bf16 casts (``cast_rne`` rounds on the bits when the launcher passes
+    ``BITWISE``; a GPU uses its native ``cvt.rn``, same bits for finite values), and its
+    ``tl.dot`` multiplies bf16 bit patterns as integers (the kernel upcasts to float32).
 """
 
 from __future__ import annotations

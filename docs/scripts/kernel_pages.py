@@ -52,9 +52,9 @@ def _budget_cell(r: dict) -> str:
 
 def _row(r: dict) -> list:
     p = predict(r)
-    spills = r["local_bytes"] + r["spill_instructions"]
+    spills = r["stack_bytes"] + r["local_bytes"] + r["spill_instructions"]
     return [r["case"], f"sm_{r['arch']}", _constexprs(r), r["registers"], "none" if not spills else
-            f"{r['local_bytes']} B", f"{r['shared_bytes'] / 1024:.1f}", r["loop_instructions"],
+            f"{r['stack_bytes'] + r['local_bytes']} B", f"{r['shared_bytes'] / 1024:.1f}", r["loop_instructions"],
             f"{r['per_item']:.1f}", _budget_cell(r), _widths(r["loads"]), _widths(r["stores"]),
             r["loop_shuffles"], r["contractions"],
             f"{p['H100']['fraction']:.0%} ({p['H100']['bound']})", f"{p['H200']['fraction']:.0%} ({p['H200']['bound']})"]

@@ -7,23 +7,44 @@ never writes the decoded weight to memory.
 
 Pairs with ``qlora_gpu.matmul_4bit`` (which calls it) and, in the oracle, with
 ``x @ qlora_ref.dequantize_4bit(packed, state, dtype=compute_dtype).T`` (the base term of
-``qlora_ref.qlora.qlora_forward``): the decoded weight is rounded to the compute dtype before
-the product, products are accumulated in float32, and the result is rounded once. Tests hold it
-to the derived tolerance tier (the accumulation order differs from any reference).
+``qlora_ref.qlora.qlora_forward``): with two or more rows the decoded weight is rounded to the
+compute dtype before the product (tensor cores take it in that dtype), products are
+accumulated in float32, and the result is rounded once. One row differs (Note: the one-row
+product's weights). Tests hold both to the derived tolerance tier (the accumulation order
+differs from any reference).
 
 Design:
 - grid ``(cdiv(N, BLOCK_N), SPLIT_K)``: each program owns ``BLOCK_N`` output features and a
-  ``1 / SPLIT_K`` share of ``K``; ``SPLIT_K > 1`` writes float32 partials that the wrapper sums
-  (deterministic, no atomics), for the case ``N / BLOCK_N`` programs would not fill the GPU.
-- each step loads a ``(BLOCK_N, BLOCK_K / 2)`` tile of packed bytes (rows are contiguous, so
-  loads are coalesced along ``K``), splits nibbles into the even and odd columns, and loads
-  ``x`` as a ``(BLOCK_M, BLOCK_K / 2, 2)`` tile split the same way, so no interleave is needed:
-  ``x W^T = x_even W_even^T + x_odd W_odd^T``.
+  ``1 / SPLIT_K`` share of ``K``; ``SPLIT_K > 1`` writes float32 partials that
+  ``splitk_reduce_kernel`` sums in a fixed order (deterministic, no atomics), adding the bias
+  and rounding in the same launch, for the case ``N / BLOCK_N`` programs would not fill the GPU.
+- each step loads a ``(BLOCK_N, BLOCK_K / 2)`` tile of packed bytes (rows are contiguous and
+  the row length ``K / 2`` comes from the host, so loads are 16 bytes wide when it divides by
+  16) and gathers each byte's two codebook values at once from a 256-entry table of float32
+  pairs (``codebooks.pair_table``): one gather per two weights.
 - absmax: when ``K`` is a multiple of the block size each row of the tile holds whole groups
   and one absmax per group is loaded and broadcast (``ALIGNED``); otherwise blocks cross rows
-  and the absmax is gathered per byte. Double-quantized absmax is decoded in the same step.
-- the product uses ``tl.dot`` (tensor cores, ``BLOCK_M = 16``) or, for a few rows, a broadcast
-  multiply and a sum over ``K`` on CUDA cores (``USE_DOT=False``).
+  and the absmax is gathered per byte. Double-quantized absmax is decoded in the same step,
+  ``code[q] * nested_absmax + offset`` with two roundings (launched with
+  ``enable_fp_fusion=False``, see ``qlora_gpu.kernels.quantize``, Note: exact arithmetic in
+  the Triton kernels).
+- two or more rows: ``tl.dot`` (tensor cores, ``BLOCK_M = 16``) on the even and the odd
+  columns, ``x W^T = x_even W_even^T + x_odd W_odd^T``. One row: CUDA cores, the two halves
+  interleaved back into column order and multiplied with a contiguous row of ``x`` by
+  ``tl.fma`` into a ``(BLOCK_N, BLOCK_K)`` accumulator kept in the weight tile's layout, so
+  nothing crosses threads inside the loop; one reduction over ``K`` after it.
+
+Note: the one-row product's weights
+    With one row the kernel multiplies ``x`` by the float32 decoded weight
+    ``W32 = float32(CODE[c] * absmax)`` (bit for bit the oracle's ``dequantize_4bit(...,
+    dtype=float32)``), without rounding it to the compute dtype first: that rounding and the
+    conversion back cost about 2 of the 6 instructions per weight the budget allows
+    (``docs/kernels.md``). The result differs from the decode-then-``linear`` path by at most
+    ``sum_k |x_k| |W32 - W_c|_k`` with ``|W32 - W_c| <= ulp_c(W32) / 2`` per weight (half an
+    ulp of the compute dtype, ``2^-9`` relative for bfloat16), and it is closer to the exact
+    product of the stored weights. Its derived tier: error against ``x @ W32^T`` in float64 at
+    most twice that of a plain torch float32 product with ``W32`` rounded once to the output
+    dtype, plus a few ulp (``tests/test_gpu_kernels.py``).
 
 Bytes moved (the ceiling the benchmark compares against): the packed weight and its constants
 once, ``0.516 * N * K`` for NF4 block 64 with double quantization, plus ``x`` and ``y``
@@ -198,7 +219,10 @@ class MatmulConfig(tuple):
         return super().__new__(cls, (block_n, block_k, split_k, use_dot, num_warps))
 
 
-#: Candidate configurations for a sweep on the GPU (``benchmarks.cuda_check`` times them).
+#: Candidate configurations for a sweep on the GPU (``benchmarks.cuda_check`` times them): weight
+#: tiles of at most 8192 weights (64 per thread at 4 warps) and tensor-core tiles at most 256
+#: deep. The compiled code of larger tiles spills on sm_80 and sm_90, and the tensor-core
+#: 64x512 tile needs more shared memory than an A100 block has (``benchmarks/kernel_report.py``).
 CONFIGS = [
     MatmulConfig(bn, bk, sk, dot, w)
     for bn in (16, 32, 64)
@@ -206,6 +230,7 @@ CONFIGS = [
     for sk in (1, 2, 4)
     for dot in (False, True)
     for w in (4,)
+    if bn * bk <= 8192 and not (dot and bk > 256)
 ]
 
 
