@@ -17,7 +17,7 @@ DOCS = ROOT / "docs"
 REPORT = ROOT / "benchmarks" / "results" / "kernels.json"
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.kernel_model import budget, predict  # noqa: E402
+from benchmarks.kernel_model import GPUS, ISSUE_PER_CLOCK, budget, bytes_per_item, predict  # noqa: E402
 
 
 def _md_table(headers, rows) -> str:
@@ -97,7 +97,22 @@ def budget_summary() -> str:
     return _md_table(["case (sm_90)", "instructions per item", "budget", "verdict", "loads", "stores"], rows)
 
 
-GENERATED = {"kernels_default.md": default_table, "kernels_all.md": all_table, "kernels_budgets.md": budget_summary}
+def model_constants() -> str:
+    """The model's constants per GPU and the bytes per item of the default cases."""
+    rows = []
+    for gpu, c in GPUS.items():
+        per_clock = c["bandwidth"] / (c["sms"] * c["clock_hz"])
+        rows.append([gpu, f"{c['bandwidth'] / 1e12:.2f}", c["sms"], f"{c['clock_hz'] / 1e9:.2f}", f"{per_clock:.1f}",
+                     ISSUE_PER_CLOCK])
+    table = _md_table(["GPU", "datasheet TB/s", "multiprocessors", "max clock GHz", "bytes per clock per SM",
+                       "thread-instructions per clock per SM"], rows)
+    decode = bytes_per_item({"kind": "decode", "blocksize": 64, "double_quant": True, "dtype": "bfloat16"})
+    product = bytes_per_item({"kind": "matmul", "rows": 1, "shape": [4096, 14336], "dtype": "bfloat16"})
+    return table + (f"\nBytes per item (NF4, block 64, double quantization, bfloat16): decode {decode:.3f} per "
+                    f"element, the one-row product {product:.3f} per weight of a 4096x14336 weight.\n")
+
+
+GENERATED = {"kernels_model.md": model_constants, "kernels_default.md": default_table, "kernels_all.md": all_table, "kernels_budgets.md": budget_summary}
 
 
 def main() -> int:
