@@ -171,7 +171,7 @@ def cases(full: bool = False) -> list:
         for dt in ("bfloat16", "float16", "float32"):
             if (bs, dt) != (64, "bfloat16"):
                 more.append(Case(f"quantize {dt} b{bs}", "quantize", (("blocksize", bs), ("dtype", dt))))
-    for m in (2, 8):
+    for m in (2, 8, 512, 2048):  # past 16 rows: tensor cores on row tiles of 64 (training)
         more.append(Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16"))))
     for m in (1, 16):
         for dt in ("float16", "float32"):

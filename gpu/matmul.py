@@ -11,10 +11,11 @@ Public API
 ----------
 ``matmul_4bit(x, packed, state, *, bias=None, backend="auto", config=None)``
     ``x (..., K)`` float32/float16/bfloat16 (float64 on the torch backend), ``W (N, K)``;
-    returns ``(..., N)`` in ``x.dtype``. With the Triton backend and at most
-    ``FUSED_MAX_ROWS`` rows (and an even ``K``), the fused kernel of
-    ``qlora_gpu.kernels.matmul`` reads the packed weight directly; otherwise the weight is decoded
-    once (one-pass kernel on Triton) and multiplied with ``torch.nn.functional.linear``.
+    returns ``(..., N)`` in ``x.dtype``. With the Triton backend (and an even ``K``) the fused
+    kernel of ``qlora_gpu.kernels.matmul`` reads the packed weight directly for any number of
+    rows (CUDA cores for one row, tensor cores on row tiles of 16 or 64 otherwise) and no
+    decoded weight is written to memory; otherwise the weight is decoded once (one-pass kernel
+    on Triton) and multiplied with ``torch.nn.functional.linear``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,7 @@ import torch
 
 from qlora_gpu.quantize import check_packed, dequantize_4bit, resolve_backend
 
-__all__ = ["matmul_4bit", "FUSED_MAX_ROWS"]
-
-#: Rows (tokens) up to which the Triton backend uses the fused small-batch kernel.
-FUSED_MAX_ROWS = 16
+__all__ = ["matmul_4bit"]
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -85,7 +83,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state, *, bias=None, back
     backend = resolve_backend(backend, x.device)
     x2d = x.reshape(-1, K)  # (M, K)
     M = x2d.shape[0]
-    if backend == "triton" and 0 < M <= FUSED_MAX_ROWS and K % 2 == 0 and x.dtype in _FUSED_DTYPES:
+    if backend == "triton" and M > 0 and K % 2 == 0 and x.dtype in _FUSED_DTYPES:
         from qlora_gpu.kernels.matmul import matmul_4bit_triton  # optional: the kernels need Triton
 
         y = matmul_4bit_triton(x2d, flat, state, bias=bias, config=config)

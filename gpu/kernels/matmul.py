@@ -1,4 +1,4 @@
-"""Triton kernel: fused 4-bit matrix product for small batches (1 to 16 rows), ``y = x W^T``.
+"""Triton kernel: fused 4-bit matrix product, ``y = x W^T``, for any number of rows of ``x``.
 
 The decode-time product of a QLoRA base layer: ``x (M, K)`` in the compute dtype against a
 4-bit weight ``W (N, K)`` stored blockwise over its flat row-major layout. The kernel reads the
@@ -28,7 +28,8 @@ Design:
   ``code[q] * nested_absmax + offset`` with two roundings (launched with
   ``enable_fp_fusion=False``, see ``qlora_gpu.kernels.quantize``, Note: exact arithmetic in
   the Triton kernels).
-- two or more rows: ``tl.dot`` (tensor cores, ``BLOCK_M = 16``) on the even and the odd
+- two or more rows: ``tl.dot`` (tensor cores, ``BLOCK_M = 16`` up to 16 rows, row tiles of
+  64 on a third grid axis beyond) on the even and the odd
   columns, ``x W^T = x_even W_even^T + x_odd W_odd^T``. One row: CUDA cores, the two halves
   interleaved back into column order and multiplied with a contiguous row of ``x`` by
   ``tl.fma`` into a ``(BLOCK_N, BLOCK_K)`` accumulator kept in the weight tile's layout, so
@@ -48,7 +49,10 @@ Note: the one-row product's weights
 
 Bytes moved (the ceiling the benchmark compares against): the packed weight and its constants
 once, ``0.516 * N * K`` for NF4 block 64 with double quantization, plus ``x`` and ``y``
-(``2 * M * (K + N)`` in bf16), which for ``M <= 16`` and a 4096x14336 weight is under 0.5%.
+(``2 * M * (K + N)`` in bf16), which for ``M <= 16`` and a 4096x14336 weight is under 0.5%;
+with many rows the product becomes compute-bound, and each 64-row tile decodes its weight
+tile again (``cdiv(M, 64)`` reads of the packed weight, still under a tenth of a bf16 weight's
+bytes per tile).
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ def matmul_4bit_kernel(
     HALF_K: tl.constexpr = BLOCK_K // 2  # packed bytes per tile row
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of x this program multiplies
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_in = offs_n < N
     x_dtype = x_ptr.dtype.element_ty
@@ -242,6 +246,7 @@ def default_config(M: int, N: int, K: int) -> MatmulConfig:
     rows take tensor cores on 64x128 weight tiles (fewer instructions per weight, see
     ``docs/kernels.md``), and ``K`` is split until there are 256 programs; the partial sums are
     reduced by ``splitk_reduce_kernel`` (one launch, which also adds the bias and rounds).
+    Past 16 rows the rows come in tiles of 64 with 8 warps (4 warps spill on sm_80).
 
     Examples
     --------
@@ -249,13 +254,15 @@ def default_config(M: int, N: int, K: int) -> MatmulConfig:
     (16, 256, 1, False, 4)
     >>> default_config(4, 4096, 14336)
     (64, 128, 4, True, 4)
+    >>> default_config(2048, 4096, 14336)  # training: 64-row tiles fill the GPU without a split
+    (64, 128, 1, True, 8)
     """
     block_n, block_k = (16, 256) if M == 1 else (64, 128)
-    programs = -(-N // block_n)
+    programs = -(-N // block_n) * (1 if M <= 16 else -(-M // 64))  # row tiles of 64 past 16 rows
     split_k = 1
     while programs * split_k < 256 and K >= 2 * split_k * block_k * 4:
         split_k *= 2
-    return MatmulConfig(block_n, block_k, split_k, M > 1, 4)
+    return MatmulConfig(block_n, block_k, split_k, M > 1, 4 if M <= 16 else 8)  # 64-row tiles: 8 warps (4 spill)
 
 
 def bytes_moved_matmul(state, M: int, x_dtype: torch.dtype) -> int:
@@ -276,7 +283,7 @@ def bytes_moved_matmul(state, M: int, x_dtype: torch.dtype) -> int:
 def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, config=None) -> torch.Tensor:
     """Run ``matmul_4bit_kernel``: ``y (M, N) = x2d (M, K) @ W^T (+ bias)`` in ``x2d.dtype``.
 
-    Called by ``qlora_gpu.matmul_4bit`` for ``M <= 16`` rows and even ``K``, which validates
+    Called by ``qlora_gpu.matmul_4bit`` for even ``K``, which validates
     the inputs. ``config`` (a ``MatmulConfig``) overrides ``default_config``.
 
     Examples
@@ -291,7 +298,7 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
     N = state.shape[0]
     block_n, block_k, split_k, use_dot, num_warps = config or default_config(M, N, K)
     use_dot = use_dot or M > 1  # the CUDA-core path takes one row (Note: the one-row product's weights)
-    block_m = 16 if use_dot else 1
+    block_m = 1 if not use_dot else 16 if M <= 16 else 64
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     if split_k == 1:
@@ -299,7 +306,7 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
     else:
         out = torch.empty((split_k, M, N), dtype=torch.float32, device=x2d.device)
     absmax, nested_absmax, nested_code, offset, nested = absmax_arguments(state)
-    grid = (triton.cdiv(N, block_n), split_k)
+    grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
     dot_in_fp32 = use_dot and interpreting() and x2d.dtype == torch.bfloat16
     with launch_context():
         matmul_4bit_kernel[grid](
