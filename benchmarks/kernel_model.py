@@ -55,8 +55,8 @@ def budget(row: dict):
     >>> budget({"kind": "matmul", "rows": 2048}) is None
     True
     """
-    if row["kind"] == "matmul":
-        if row["rows"] > 16:  # a GEMM: bound by tensor cores, which this model does not describe
+    if row["kind"] in ("matmul", "matmul_t"):
+        if row["rows"] > 16 or row["kind"] == "matmul_t":  # a GEMM: bound by tensor cores, which this model does not describe
             return None
         return BUDGETS["matmul M=1" if row["rows"] == 1 else "matmul M>1"]
     return BUDGETS.get(row["kind"])

@@ -61,7 +61,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature  # a Triton internal (3.x): the launch binder
 
 from qlora_gpu.kernels.dequantize import dequantize_4bit_triton
-from qlora_gpu.kernels.matmul import CONFIGS, MatmulConfig, matmul_4bit_triton
+from qlora_gpu.kernels.matmul import CONFIGS, MatmulConfig, matmul_4bit_t_triton, matmul_4bit_triton
 from qlora_gpu.kernels.quantize import double_quantize_triton, quantize_4bit_triton
 from qlora_gpu.state import BLOCKSIZES, NestedAbsmax, QuantState
 
@@ -84,6 +84,7 @@ KERNELS = {
     "double_quantize_kernel": "qlora_gpu.kernels.quantize",
     "matmul_4bit_kernel": "qlora_gpu.kernels.matmul",
     "splitk_reduce_kernel": "qlora_gpu.kernels.matmul",
+    "matmul_4bit_t_kernel": "qlora_gpu.kernels.matmul",
 }
 #: The weight every case is shaped as (4096x14336: a Llama-3-8B MLP projection), NF4, block 64.
 SHAPE = (4096, 14336)
@@ -138,6 +139,8 @@ class Case:
         if self.kind == "decode":
             return dequantize_4bit_triton(flat, state, dtype)
         # matmul, splitk_reduce: the product's wrapper (which launches the reduction after a split)
+        if self.kind == "matmul_t":  # the input gradient g W, g (M, N)
+            return matmul_4bit_t_triton(torch.empty((p["rows"], N), dtype=dtype, device=meta), flat, state)
         x = torch.empty((p["rows"], K), dtype=dtype, device=meta)
         config = MatmulConfig(*p["config"]) if "config" in p else None
         return matmul_4bit_triton(x, flat, state, config=config)
@@ -156,7 +159,8 @@ def cases(full: bool = False) -> list:
         Case("quantize bfloat16 b64", "quantize", (("dtype", "bfloat16"),), True),
         Case("double_quantize 256", "double_quantize", (), True),
     ] + [Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16")), True) for m in (1, 4, 16)] + [
-        Case("split-K reduce M=16 bfloat16", "splitk_reduce", (("rows", 16), ("dtype", "bfloat16")), True)]
+        Case("split-K reduce M=16 bfloat16", "splitk_reduce", (("rows", 16), ("dtype", "bfloat16")), True),
+        Case("matmul_t M=512 bfloat16", "matmul_t", (("rows", 512), ("dtype", "bfloat16")), True)]
     if not full:
         return dflt
 
@@ -173,6 +177,8 @@ def cases(full: bool = False) -> list:
                 more.append(Case(f"quantize {dt} b{bs}", "quantize", (("blocksize", bs), ("dtype", dt))))
     for m in (2, 8, 512, 2048):  # past 16 rows: tensor cores on row tiles of 64 (training)
         more.append(Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16"))))
+    for m in (16, 2048):
+        more.append(Case(f"matmul_t M={m} bfloat16", "matmul_t", (("rows", m), ("dtype", "bfloat16"))))
     for m in (1, 16):
         for dt in ("float16", "float32"):
             more.append(Case(f"matmul M={m} {dt}", "matmul", (("rows", m), ("dtype", dt))))
@@ -353,12 +359,12 @@ def _per_thread_items(kind: str, constexprs: dict, num_warps: int) -> int:
         return constexprs["NESTED"] / threads
     if kind == "splitk_reduce":
         return constexprs["BLOCK"] / threads
-    return constexprs["BLOCK_N"] * constexprs["BLOCK_K"] / threads
+    return constexprs["BLOCK_N"] * constexprs["BLOCK_K"] / threads  # matmul, matmul_t: one weight tile per trip
 
 
 _KIND_OF = {"dequantize_4bit_kernel": "decode", "quantize_4bit_kernel": "quantize",
             "double_quantize_kernel": "double_quantize", "matmul_4bit_kernel": "matmul",
-            "splitk_reduce_kernel": "splitk_reduce"}
+            "splitk_reduce_kernel": "splitk_reduce", "matmul_4bit_t_kernel": "matmul_t"}
 
 
 def report_case(case: Case, archs=ARCHS) -> list:

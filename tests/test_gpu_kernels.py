@@ -171,6 +171,32 @@ def test_fused_matmul_within_derived_tolerance(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@FEW
+@given(case=matmul_cases())
+@example(case=dict(M=20, N=70, K=256, rng=np.random.default_rng(2), blocksize=64, quant_type="nf4",
+                   double_quant=True, dtype=torch.bfloat16, bias=False, config=None))  # N past one tile
+def test_fused_transposed_matmul_within_derived_tolerance(device, case):
+    """``g W`` (the layer's input gradient) against ``g @ W_c`` in float64, W_c the oracle's weight
+    rounded to the compute dtype; fallback (K not a multiple of the block) bit-equal to torch's."""
+    M, N, K, rng, dtype = case["M"], case["N"], case["K"], case["rng"], case["dtype"]
+    W = rng.standard_normal((N, K)).astype(np.float32)
+    packed_ref, state_ref = R.quantize_4bit(W, blocksize=case["blocksize"], quant_type=case["quant_type"],
+                                            double_quant=case["double_quant"])
+    g_np = rng.standard_normal((M, N)).astype(NP_DTYPES[dtype])
+    W_c = R.dequantize_4bit(packed_ref, state_ref, dtype=NP_DTYPES[dtype])  # (N, K)
+    ref64 = g_np.astype(np.float64) @ W_c.astype(np.float64)
+    g, packed = tensor_from_numpy(g_np, device), tensor_from_numpy(packed_ref, device)
+    state = G.QuantState.from_oracle(state_ref, device)
+    y = G.matmul.matmul_4bit_t(g, packed, state, backend="triton")
+    assert y.dtype == dtype and tuple(y.shape) == (M, K)
+    baseline = g @ tensor_from_numpy(W_c, device)  # plain torch, same dtype
+    terms = np.abs(g_np.astype(np.float64)) @ np.abs(W_c.astype(np.float64))
+    assert_derived(y, ref64, baseline, dtype=NP_DTYPES[dtype], what="matmul_4bit_t (triton)", scale=terms.max())
+    if K % 2 or K % case["blocksize"]:  # not the fused kernel: decode + matmul, as the torch backend
+        assert_bit_equal(y, G.matmul.matmul_4bit_t(g, packed, state, backend="torch"), "fallback")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_matmul_takes_leading_dimensions(device):
     packed, state = G.quantize_4bit(torch.randn(24, 64, device=device), blocksize=32, double_quant=True)
     x = torch.randn(2, 3, 64, device=device)

@@ -32,7 +32,7 @@ def _widths(counts: dict) -> str:
 
 def _constexprs(r: dict) -> str:
     c = r["constexprs"]
-    if r["kind"] == "matmul":
+    if r["kind"] in ("matmul", "matmul_t"):
         keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "USE_DOT")
     elif r["kind"] == "double_quantize":
         keys = ("NESTED",)
@@ -51,7 +51,7 @@ def _budget_cell(r: dict) -> str:
 
 
 def _row(r: dict) -> list:
-    gemm = r["kind"] == "matmul" and r["rows"] > 16  # tensor-core bound: outside the model
+    gemm = (r["kind"] == "matmul" and r["rows"] > 16) or r["kind"] == "matmul_t"  # tensor cores: outside the model
     p = predict(r)
     spills = r["stack_bytes"] + r["local_bytes"] + r["spill_instructions"]
     return [r["case"], f"sm_{r['arch']}", _constexprs(r), r["registers"], "none" if not spills else

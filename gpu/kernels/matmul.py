@@ -66,7 +66,8 @@ import triton.language as tl
 from qlora_gpu import codebooks
 from qlora_gpu.kernels.util import absmax_arguments, cast_rne, interpreting, launch_context
 
-__all__ = ["matmul_4bit_kernel", "splitk_reduce_kernel", "matmul_4bit_triton", "MatmulConfig", "default_config", "CONFIGS",
+__all__ = ["matmul_4bit_kernel", "splitk_reduce_kernel", "matmul_4bit_t_kernel", "matmul_4bit_t_triton",
+           "matmul_4bit_triton", "MatmulConfig", "default_config", "CONFIGS",
            "bytes_moved_matmul"]
 
 
@@ -199,6 +200,94 @@ def splitk_reduce_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=inside, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, cast_rne(acc, out_ptr.dtype.element_ty, BITWISE), mask=inside)
+
+
+@triton.jit
+def matmul_4bit_t_kernel(
+    g_ptr,  # (M, N) compute dtype, unit stride along N: the gradient of y = x W^T
+    packed_ptr,  # (N * K / 2,) uint8, row-major W
+    pair_ptr,  # (256,) int64 (``codebooks.pair_table``)
+    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,  # as ``matmul_4bit_kernel``
+    out_ptr,  # (M, K) compute dtype: g W
+    M, N, K,
+    half_k,  # K // 2, from the host
+    blocks_per_row,  # K // BLOCKSIZE (K is a multiple of BLOCKSIZE)
+    stride_gm,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BITWISE: tl.constexpr,
+):
+    """``out (M, K) = g (M, N) @ W (N, K)``: each program owns ``BLOCK_K`` input features and
+    ``BLOCK_M`` rows and walks ``N``; the weight tile is decoded exactly as in
+    ``matmul_4bit_kernel`` (rounded to the compute dtype for the tensor cores)."""
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    G: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1  # blocks per tile row
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = k0 // 2 + tl.arange(0, HALF_K)  # (HALF_K,) byte column
+    g_dtype = g_ptr.dtype.element_ty
+    acc_even = tl.zeros((BLOCK_M, HALF_K), dtype=tl.float32)
+    acc_odd = tl.zeros((BLOCK_M, HALF_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_in = offs_n < N
+        b = tl.load(packed_ptr + offs_n[:, None] * half_k + j[None, :], mask=n_in[:, None] & (j < half_k)[None, :],
+                    other=0)  # (BLOCK_N, HALF_K)
+        pair = tl.load(pair_ptr + b.to(tl.int32))
+        v_hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+        v_lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+        blk = offs_n[:, None] * blocks_per_row + k0 // BLOCKSIZE + tl.arange(0, G)[None, :]  # (BLOCK_N, G)
+        g_mask = n_in[:, None] & ((k0 + tl.arange(0, G) * BLOCKSIZE) < K)[None, :]
+        a = _absmax_at(blk, g_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)[:, :, None]
+        w_hi = cast_rne(tl.reshape(tl.reshape(v_hi, (BLOCK_N, G, HALF_K // G)) * a, (BLOCK_N, HALF_K)), g_dtype, BITWISE)
+        w_lo = cast_rne(tl.reshape(tl.reshape(v_lo, (BLOCK_N, G, HALF_K // G)) * a, (BLOCK_N, HALF_K)), g_dtype, BITWISE)
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], mask=(offs_m < M)[:, None] & n_in[None, :],
+                    other=0.0)  # (BLOCK_M, BLOCK_N)
+        if DOT_IN_FP32:  # interpreter only: its dot multiplies bf16 bit patterns as integers
+            g, w_hi, w_lo = g.to(tl.float32), w_hi.to(tl.float32), w_lo.to(tl.float32)
+        acc_even = tl.dot(g, w_hi, acc_even, input_precision=PRECISION)
+        acc_odd = tl.dot(g, w_lo, acc_odd, input_precision=PRECISION)
+    y = tl.interleave(acc_even, acc_odd)  # (BLOCK_M, BLOCK_K) in column order
+    kk = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_m[:, None] * K + kk[None, :], cast_rne(y, out_ptr.dtype.element_ty, BITWISE),
+             mask=(offs_m < M)[:, None] & (kk < K)[None, :])
+
+
+def matmul_4bit_t_triton(g2d: torch.Tensor, flat: torch.Tensor, state) -> torch.Tensor:
+    """Run ``matmul_4bit_t_kernel``: ``g2d (M, N) @ W (N, K)`` in ``g2d.dtype`` (the input
+    gradient of ``x W^T``), without writing the decoded weight. Needs ``K % blocksize == 0``.
+
+    Examples
+    --------
+    >>> from qlora_gpu import quantize_4bit
+    >>> packed, state = quantize_4bit(torch.eye(64), blocksize=32)
+    >>> g = torch.arange(128.0).reshape(2, 64)
+    >>> bool((matmul_4bit_t_triton(g, packed.reshape(-1), state) == g).all())
+    True
+    """
+    M, N = g2d.shape
+    K = state.shape[1]
+    if g2d.stride(1) != 1:
+        g2d = g2d.contiguous()
+    block_m = 16 if M <= 16 else 64
+    block_k = 128
+    out = torch.empty((M, K), dtype=g2d.dtype, device=g2d.device)
+    absmax, nested_absmax, nested_code, offset, nested = absmax_arguments(state)
+    dot_in_fp32 = interpreting() and g2d.dtype == torch.bfloat16
+    with launch_context():
+        matmul_4bit_t_kernel[(triton.cdiv(K, block_k), triton.cdiv(M, block_m))](
+            g2d, flat, _pair_table(state.code), absmax, nested_absmax, nested_code, offset, out,
+            M, N, K, K // 2, K // state.blocksize, g2d.stride(0),
+            BLOCKSIZE=state.blocksize, NESTED=nested, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k,
+            PRECISION="ieee" if g2d.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
+            BITWISE=interpreting(), num_warps=8 if block_m == 64 else 4, enable_fp_fusion=False,
+        )
+    return out
 
 
 _PAIR_TABLES = {}  # id(code) -> (weak reference to code, its version, the pair table)
