@@ -45,10 +45,11 @@ __all__ = [
     "compute_dtype_for",
 ]
 
-#: Weight shapes ``(out, in)``: Llama-2-7B attention and MLP down projection, Llama-70B MLP down
+#: Weight shapes ``(out, in)``: Llama-2-7B attention and MLP down projection, Llama-3-8B MLP down
+#: projection (the shape of ``docs/kernels.md`` and ``cuda_check``), Llama-70B MLP down
 #: projection, and one irregular shape (odd sizes, a partial last block).
-SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "8192x28672": (8192, 28672),
-          "1823x781": (1823, 781)}
+SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "4096x14336": (4096, 14336),
+          "8192x28672": (8192, 28672), "1823x781": (1823, 781)}
 #: The shapes of a quick (CPU) run.
 QUICK_SHAPES = ("4096x4096", "1823x781")
 DECODE_DTYPES = ("bfloat16", "float16", "float32")

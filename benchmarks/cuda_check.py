@@ -18,7 +18,14 @@
    Rates come from the formulas beside the kernels (``bytes_moved_dequantize``,
    ``bytes_moved_matmul``; quantization's is written below). The targets of issue 4 (decode at
    90% of the copy bandwidth and 1.5x bitsandbytes; the product at 80% of the packed-weight
-   read ceiling and faster than ``gemv_4bit``) are reported as measured, not asserted.
+   read ceiling and faster than ``gemv_4bit``) are reported as measured, not asserted, and
+   judged on the default configuration; the best of the sweep is reported beside it. The
+   one-row product is checked against the float32 decoded weight it multiplies
+   (``qlora_gpu.kernels.matmul``, Note: the one-row product's weights).
+
+``--quick``: no sweeps and no test run (the default configurations only; every case runs once
+before it is timed, so compilation stays outside the timings). ``docs/kernels.md`` holds what
+the compiled kernels predict for the same cases (a model) before any GPU run.
 
 Writes ``cuda_check.json`` (machine, versions, date, test outcome, every timing) and
 ``cuda_check.txt`` (the same as tables) into ``--out``. Without CUDA it exits with status 2 and
@@ -43,7 +50,7 @@ TEST_FILES = ["tests/test_gpu_quantize.py", "tests/test_gpu_kernels.py", "tests/
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line (``--out``, ``--skip-tests``, ``--shape``, ``--rows``).
+    """The command line (``--out``, ``--skip-tests``, ``--quick``, ``--shape``, ``--rows``).
 
     Examples
     --------
@@ -57,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=2, default=[4096, 14336], metavar=("N", "K"),
                    help="weight shape (out, in) to time (default 4096 14336)")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16], help="rows of x for the small-batch product")
+    p.add_argument("--quick", action="store_true",
+                   help="the default configurations only (no sweeps) and the tests skipped: a few minutes on one GPU")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="exercise this script on CPU (Triton's interpreter, tiny shapes, wall-clock timer): "
                         "checks its logic, its timings mean nothing")
@@ -157,8 +166,13 @@ def check_against_oracle(device, size: int = 1024) -> dict:
     }
 
 
-def time_kernels(shape, rows_list, device="cuda") -> tuple[dict, list]:
-    """Check, then time (on CUDA; on CPU only for ``--cpu-dry-run``). Returns (results, table rows)."""
+def time_kernels(shape, rows_list, device="cuda", quick: bool = False) -> tuple[dict, list]:
+    """Check, then time (on CUDA; on CPU only for ``--cpu-dry-run``). Returns (results, table rows).
+
+    Targets are judged on the default configuration (what users run), never on the best of a
+    sweep; ``quick`` skips the sweeps. Each case runs once before it is timed, so Triton's
+    compilation is outside the timed region.
+    """
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnb_F
     import torch
@@ -214,7 +228,7 @@ def time_kernels(shape, rows_list, device="cuda") -> tuple[dict, list]:
     decode_bytes = bytes_moved_dequantize(state, torch.bfloat16)
     cases = {"triton decode": lambda: dequantize_4bit_triton(flat, state, torch.bfloat16),
              "bnb dequantize_4bit": lambda: bnb_F.dequantize_4bit(packed_b, qs)}
-    for r in (8, 16, 32, 64):
+    for r in () if quick else (16, 32, 64, 128):
         for w in (4, 8):
             cases[f"triton decode rows={r} warps={w}"] = (
                 lambda r=r, w=w: dequantize_4bit_triton(flat, state, torch.bfloat16, rows=r, num_warps=w))
@@ -226,7 +240,9 @@ def time_kernels(shape, rows_list, device="cuda") -> tuple[dict, list]:
         gbps = decode_bytes / (t["time_ms"] * 1e6)
         results["decode"][name] = {**t, "bytes": decode_bytes, "gbps": gbps, "pct_of_copy": 100 * gbps / copy_gbps}
     best = min((k for k in timed if k.startswith("triton")), key=lambda k: timed[k]["time_ms"])
-    results["decode"]["speedup_vs_bnb"] = _ratio(timed, "bnb dequantize_4bit", timed[best])
+    # The target is judged on the default configuration; the sweep's best is reported beside it.
+    results["decode"]["speedup_vs_bnb"] = _ratio(timed, "bnb dequantize_4bit", timed["triton decode"])
+    results["decode"]["best_of_sweep"] = best
     for name in dict.fromkeys(n for n in ["triton decode", best, "bnb dequantize_4bit"] if n in timed):
         r = results["decode"][name]
         rows.append([name, "bf16", f"{r['time_ms']:.4f}", f"{r['gbps']:.0f}", f"{r['pct_of_copy']:.0f}%",
@@ -250,21 +266,26 @@ def time_kernels(shape, rows_list, device="cuda") -> tuple[dict, list]:
 
     # --- check, then time: small-batch product ---
     W_c = dequantize_4bit(packed, state, dtype=torch.bfloat16)
+    W32 = dequantize_4bit(packed, state, dtype=torch.float32)
     results["matmul"] = {}
     for M in rows_list:
         x = torch.randn(M, K, dtype=torch.bfloat16, device=dev)
-        ref64 = x.double() @ W_c.double().T
-        base_err = (F.linear(x, W_c).double() - ref64).abs().max().item()
+        if not default_config(M, N, K)[3]:  # one row: the float32 decode, unrounded (kernels.matmul's Note)
+            ref64 = x.double() @ W32.double().T
+            base_err = (F.linear(x.float(), W32).to(torch.bfloat16).double() - ref64).abs().max().item()
+        else:
+            ref64 = x.double() @ W_c.double().T
+            base_err = (F.linear(x, W_c).double() - ref64).abs().max().item()
         our_err = (matmul_4bit_triton(x, flat, state).double() - ref64).abs().max().item()
-        terms = (x.double().abs() @ W_c.double().abs().T).max().item()
+        terms = (x.double().abs() @ W32.double().abs().T).max().item()
         ok = our_err <= 2 * base_err + 4 * 2**-7 * terms  # the derived tier of tests/tolerances.py
         cases = {"triton fused (default)": lambda x=x: matmul_4bit_triton(x, flat, state),
                  "bnb matmul_4bit": lambda x=x: bnb.matmul_4bit(x, packed_b.t(), qs),
                  "torch bf16 linear (dense W)": lambda x=x: F.linear(x, W)}
         if M == 1:
             cases["bnb gemv_4bit"] = lambda x=x: bnb_F.gemv_4bit(x, packed_b.t(), state=qs)
-        for cfg in CONFIGS:
-            if cfg[3] == (M > 4) and cfg[1] >= 256:  # the dot path for many rows, CUDA cores for few
+        for cfg in () if quick else CONFIGS:
+            if cfg[3] == (M > 1):  # tensor cores for two rows or more, CUDA cores for one
                 cases[f"triton fused {tuple(cfg)}"] = lambda x=x, cfg=cfg: matmul_4bit_triton(x, flat, state, config=cfg)
         timed = _interleaved(cases)
         need = bytes_moved_matmul(state, M, torch.bfloat16)
@@ -318,10 +339,10 @@ def main(argv=None) -> int:
         "gpu": torch.cuda.get_device_name() if not _DRY_RUN else "none (CPU dry run)",
         "capability": list(torch.cuda.get_device_capability()) if not _DRY_RUN else None,
         "cpu_count": os.cpu_count(), "platform": platform.platform()}, "versions": versions}
-    report["tests"] = None if args.skip_tests or _DRY_RUN else run_tests(root)
+    report["tests"] = None if args.skip_tests or args.quick or _DRY_RUN else run_tests(root)
     report["oracle_check"] = check_against_oracle(device, size=64 if _DRY_RUN else 1024)  # bitwise
     try:
-        results, rows = time_kernels(tuple(args.shape), args.rows, device)
+        results, rows = time_kernels(tuple(args.shape), args.rows, device, quick=args.quick)
     except Exception as exc:  # noqa: BLE001 - write what we have, then fail
         import traceback
 

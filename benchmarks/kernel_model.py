@@ -22,7 +22,8 @@ Note: the model's constants
     - What it leaves out: latency, occupancy, L1 hit rates of the 16-entry table gathers,
       instruction mix (one pipe can saturate before issue does), set-up outside the main loop.
       It is an upper bound on the fraction reachable, useful to rank kernels and to say whether
-      one is bound by issue or by memory; only a GPU run measures the fraction.
+      one is bound by issue or by memory; only a GPU run measures the fraction. It does not
+      describe tensor-core throughput: the product past 16 rows (a GEMM) is left unmodelled.
 """
 
 from __future__ import annotations
@@ -51,8 +52,12 @@ def budget(row: dict):
     --------
     >>> budget({"kind": "matmul", "rows": 1}), budget({"kind": "matmul", "rows": 4})
     (6, 8)
+    >>> budget({"kind": "matmul", "rows": 2048}) is None
+    True
     """
-    if row["kind"] == "matmul":
+    if row["kind"] in ("matmul", "matmul_t"):
+        if row["rows"] > 16 or row["kind"] == "matmul_t":  # a GEMM: bound by tensor cores, which this model does not describe
+            return None
         return BUDGETS["matmul M=1" if row["rows"] == 1 else "matmul M>1"]
     return BUDGETS.get(row["kind"])
 

@@ -9,8 +9,8 @@ grid, constexprs and options as it would on a GPU; the kernel is not launched), 
 with Triton for sm_80 (A100) and sm_90 (H100/H200) and disassembled with the ``nvdisasm`` that
 ships in the Triton wheel. Per configuration and architecture the report holds:
 
-- ``registers`` and ``local_bytes`` (``cuobjdump -res-usage``), ``spill_instructions`` (``STL``
-  and ``LDL`` in the SASS): any spill fails the CI check;
+- ``registers``, ``stack_bytes`` and ``local_bytes`` (``cuobjdump -res-usage``),
+  ``spill_instructions`` (``STL`` and ``LDL`` in the SASS): any spill fails the CI check;
 - ``shared_bytes`` (Triton's metadata) against the per-block limit of the architecture;
 - ``loop_instructions``: SASS instructions of one trip of the main loop (the largest backward
   branch; the whole kernel when it has no loop, every instruction counted once, predicated or
@@ -60,10 +60,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature  # a Triton internal (3.x): the launch binder
 
+from qlora_gpu.kernels.dequantize import dequantize_4bit_triton
+from qlora_gpu.kernels.matmul import CONFIGS, MatmulConfig, matmul_4bit_t_triton, matmul_4bit_triton
+from qlora_gpu.kernels.quantize import double_quantize_triton, quantize_4bit_triton
 from qlora_gpu.state import BLOCKSIZES, NestedAbsmax, QuantState
-from qlora_gpu.triton_dequantize import dequantize_4bit_triton
-from qlora_gpu.triton_matmul import CONFIGS, MatmulConfig, matmul_4bit_triton
-from qlora_gpu.triton_quantize import double_quantize_triton, quantize_4bit_triton
 
 __all__ = ["Case", "cases", "capture_launches", "compile_launch", "analyse", "run", "main", "ARCHS",
            "SHARED_PER_BLOCK", "KERNEL_FILES", "source_hash", "tool_path", "problems",
@@ -76,14 +76,15 @@ ARCHS = (80, 90)
 #: Guide, "Technical Specifications per Compute Capability": 163 KB on 8.0, 227 KB on 9.0.
 SHARED_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
 #: The files whose content decides the compiled code (the report records their hash).
-KERNEL_FILES = ("gpu/_triton_util.py", "gpu/triton_dequantize.py", "gpu/triton_quantize.py", "gpu/triton_matmul.py")
+KERNEL_FILES = ("gpu/kernels/util.py", "gpu/kernels/dequantize.py", "gpu/kernels/quantize.py", "gpu/kernels/matmul.py")
 #: The kernels, by the module whose global name the wrappers launch.
 KERNELS = {
-    "dequantize_4bit_kernel": "qlora_gpu.triton_dequantize",
-    "quantize_4bit_kernel": "qlora_gpu.triton_quantize",
-    "double_quantize_kernel": "qlora_gpu.triton_quantize",
-    "matmul_4bit_kernel": "qlora_gpu.triton_matmul",
-    "splitk_reduce_kernel": "qlora_gpu.triton_matmul",
+    "dequantize_4bit_kernel": "qlora_gpu.kernels.dequantize",
+    "quantize_4bit_kernel": "qlora_gpu.kernels.quantize",
+    "double_quantize_kernel": "qlora_gpu.kernels.quantize",
+    "matmul_4bit_kernel": "qlora_gpu.kernels.matmul",
+    "splitk_reduce_kernel": "qlora_gpu.kernels.matmul",
+    "matmul_4bit_t_kernel": "qlora_gpu.kernels.matmul",
 }
 #: The weight every case is shaped as (4096x14336: a Llama-3-8B MLP projection), NF4, block 64.
 SHAPE = (4096, 14336)
@@ -138,6 +139,8 @@ class Case:
         if self.kind == "decode":
             return dequantize_4bit_triton(flat, state, dtype)
         # matmul, splitk_reduce: the product's wrapper (which launches the reduction after a split)
+        if self.kind == "matmul_t":  # the input gradient g W, g (M, N)
+            return matmul_4bit_t_triton(torch.empty((p["rows"], N), dtype=dtype, device=meta), flat, state)
         x = torch.empty((p["rows"], K), dtype=dtype, device=meta)
         config = MatmulConfig(*p["config"]) if "config" in p else None
         return matmul_4bit_triton(x, flat, state, config=config)
@@ -156,7 +159,8 @@ def cases(full: bool = False) -> list:
         Case("quantize bfloat16 b64", "quantize", (("dtype", "bfloat16"),), True),
         Case("double_quantize 256", "double_quantize", (), True),
     ] + [Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16")), True) for m in (1, 4, 16)] + [
-        Case("split-K reduce M=16 bfloat16", "splitk_reduce", (("rows", 16), ("dtype", "bfloat16")), True)]
+        Case("split-K reduce M=16 bfloat16", "splitk_reduce", (("rows", 16), ("dtype", "bfloat16")), True),
+        Case("matmul_t M=512 bfloat16", "matmul_t", (("rows", 512), ("dtype", "bfloat16")), True)]
     if not full:
         return dflt
 
@@ -171,8 +175,10 @@ def cases(full: bool = False) -> list:
         for dt in ("bfloat16", "float16", "float32"):
             if (bs, dt) != (64, "bfloat16"):
                 more.append(Case(f"quantize {dt} b{bs}", "quantize", (("blocksize", bs), ("dtype", dt))))
-    for m in (2, 8):
+    for m in (2, 8, 512, 2048):  # past 16 rows: tensor cores on row tiles of 64 (training)
         more.append(Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16"))))
+    for m in (16, 2048):
+        more.append(Case(f"matmul_t M={m} bfloat16", "matmul_t", (("rows", m), ("dtype", "bfloat16"))))
     for m in (1, 16):
         for dt in ("float16", "float32"):
             more.append(Case(f"matmul M={m} {dt}", "matmul", (("rows", m), ("dtype", dt))))
@@ -316,6 +322,7 @@ def analyse(compiled, arch: int) -> dict:
     res = _run_tool("cuobjdump", cubin, "-res-usage")
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     local = int(re.search(r"LOCAL:(\d+)", res).group(1))
+    stack = int(re.search(r"STACK:(\d+)", res).group(1))
     instrs = [i for i in parse_sass(_run_tool("nvdisasm", cubin, "-c")) if i[1] != "NOP"]
     first, last, is_loop = main_loop(instrs)
     loop = instrs[first:last + 1]
@@ -328,7 +335,7 @@ def analyse(compiled, arch: int) -> dict:
             stores[_width(op)] = stores.get(_width(op), 0) + 1
     ptx = compiled.asm["ptx"]
     return dict(
-        registers=regs, local_bytes=local, shared_bytes=int(compiled.metadata.shared),
+        registers=regs, local_bytes=local, stack_bytes=stack, shared_bytes=int(compiled.metadata.shared),
         spill_instructions=sum(op.startswith(("STL", "LDL")) for op in ops),
         instructions=len(instrs), loop_instructions=len(loop), has_loop=is_loop,
         loop_shuffles=sum(op.startswith("SHFL") for _, op, _, _ in loop),
@@ -352,12 +359,12 @@ def _per_thread_items(kind: str, constexprs: dict, num_warps: int) -> int:
         return constexprs["NESTED"] / threads
     if kind == "splitk_reduce":
         return constexprs["BLOCK"] / threads
-    return constexprs["BLOCK_N"] * constexprs["BLOCK_K"] / threads
+    return constexprs["BLOCK_N"] * constexprs["BLOCK_K"] / threads  # matmul, matmul_t: one weight tile per trip
 
 
 _KIND_OF = {"dequantize_4bit_kernel": "decode", "quantize_4bit_kernel": "quantize",
             "double_quantize_kernel": "double_quantize", "matmul_4bit_kernel": "matmul",
-            "splitk_reduce_kernel": "splitk_reduce"}
+            "splitk_reduce_kernel": "splitk_reduce", "matmul_4bit_t_kernel": "matmul_t"}
 
 
 def report_case(case: Case, archs=ARCHS) -> list:
@@ -420,8 +427,8 @@ def problems(doc: dict) -> list:
     out = []
     for r in doc["rows"]:
         where = f"{r['case']} sm_{r['arch']}"
-        if r["local_bytes"] or r["spill_instructions"]:
-            out.append(f"{where}: spills ({r['local_bytes']} local bytes, {r['spill_instructions']} STL/LDL)")
+        if r["local_bytes"] or r["stack_bytes"] or r["spill_instructions"]:
+            out.append(f"{where}: spills ({r['stack_bytes']} stack bytes, {r['spill_instructions']} STL/LDL)")
         if r["shared_bytes"] > SHARED_PER_BLOCK[80]:
             out.append(f"{where}: {r['shared_bytes']} bytes of shared memory > the A100's {SHARED_PER_BLOCK[80]}")
         if r["contractions"]:

@@ -9,9 +9,10 @@ precision of the fast LoRA layer. Tests compare with the oracle in the derived t
 Note: what autograd keeps
     ``QLoRAFunction`` saves the layer's input ``x``, the dropout mask (when there is one), the
     adapters ``A`` and ``B`` (parameters, not copies) and the packed 4-bit weight (a buffer of
-    the module, not a copy). The decoded weight is made again in the backward, used for
-    ``G W``, and dropped: activation memory per layer is the input (and the mask), never an
-    ``(out, in)`` dense matrix. ``h = (d x) A^T`` is recomputed too (``r`` columns).
+    the module, not a copy). ``G W`` in the backward goes through ``matmul_4bit_t``: with the
+    Triton backend the weight is decoded tile by tile in registers (as ``x W^T`` in the forward,
+    ``matmul_4bit``), otherwise decoded once and dropped: activation memory per layer is the
+    input (and the mask), never an ``(out, in)`` dense matrix. ``h = (d x) A^T`` is recomputed too (``r`` columns).
 
 Public API
 ----------
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from qlora_gpu.lora import adapter_backward, adapter_forward, check_adapter
-from qlora_gpu.matmul import matmul_4bit
+from qlora_gpu.matmul import matmul_4bit, matmul_4bit_t
 from qlora_gpu.quantize import check_packed, dequantize_4bit
 from qlora_gpu.state import torch_dtype
 
@@ -179,9 +180,7 @@ def qlora_backward(grad_y, x, packed, state, A, B, *, scaling: float, compute_dt
     grad_x_base = None
     if needs[0]:
         cd = torch_dtype(compute_dtype)
-        W_c = dequantize_4bit(packed, state, dtype=cd, backend=backend)  # (out, in), recomputed
-        grad_x_base = grad_y.to(cd) @ W_c  # (..., in)
-        del W_c
+        grad_x_base = matmul_4bit_t(grad_y.to(cd), packed, state, backend=backend)  # (..., in), W decoded in tiles
     return adapter_backward(grad_x_base, grad_y, x, A, B, float(scaling), dropout_mask, needs)
 
 
@@ -207,9 +206,7 @@ class QLoRAFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:3])
         grad_x_base = None
         if needs[0]:
-            W_c = dequantize_4bit(packed, ctx.state, dtype=ctx.compute_dtype, backend=ctx.backend)
-            grad_x_base = grad_y.to(ctx.compute_dtype) @ W_c  # (..., in)
-            del W_c
+            grad_x_base = matmul_4bit_t(grad_y.to(ctx.compute_dtype), packed, ctx.state, backend=ctx.backend)
         grad_x, grad_A, grad_B = adapter_backward(grad_x_base, grad_y, x, A, B, ctx.scaling, dropout_mask, needs)
         return grad_x, grad_A, grad_B, None, None, None, None, None, None, None
 

@@ -8,10 +8,12 @@ executes every program of the grid in NumPy. With CUDA the same tests run on the
 Note: what the interpreter does not show
     The interpreter checks the kernels' logic and arithmetic (it is NumPy underneath), not
     GPU-only behaviour: the lowering of ``tl.math.div_rn`` and of the bf16 dot, FMA contraction
-    (the launches pass ``enable_fp_fusion=False``), denormal handling, and speed. Two of its own
-    deviations are worked around in the kernels and pinned here: it truncates float32 -> bf16
-    casts (``cast_rne`` rounds on the bits instead), and its ``tl.dot`` multiplies bf16 bit
-    patterns as integers (the kernel upcasts to float32 under the interpreter only).
+    (the launches pass ``enable_fp_fusion=False``; ``tests/test_kernel_report.py`` checks the
+    PTX compiled for sm_80 and sm_90), denormal handling, and speed. Two of its own deviations
+    are worked around in the kernels under the interpreter only and pinned here: it truncates
+    float32 -> bf16 casts (``cast_rne`` rounds on the bits when the launcher passes
+    ``BITWISE``; a GPU uses its native ``cvt.rn``, same bits for finite values), and its
+    ``tl.dot`` multiplies bf16 bit patterns as integers (the kernel upcasts to float32).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ CONFIGS = [
 
 @st.composite
 def matmul_cases(draw):
-    M = draw(st.integers(1, 16) | st.just(1) | st.integers(17, 20))  # > 16: decode + linear
+    M = draw(st.integers(1, 16) | st.just(1) | st.integers(17, 70))  # > 16: row tiles of 64
     N = draw(st.integers(1, 70))
     K = draw(st.integers(1, 160).map(lambda k: 2 * k) | st.integers(1, 99))  # odd K: fallback
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -164,8 +166,34 @@ def test_fused_matmul_within_derived_tolerance(device, case):
     # result that may cancel, so the ulps are counted relative to max(|x| |W_c|^T).
     terms = np.abs(x_np.astype(np.float64)) @ np.abs(W_c.astype(np.float64)).T
     assert_derived(y, ref64, baseline, dtype=NP_DTYPES[dtype], what="matmul_4bit (triton)", scale=terms.max())
-    if M > 16 or K % 2:  # not the fused kernel: decode kernel + linear, bit-identical to the torch backend
+    if K % 2:  # not the fused kernel: decode kernel + linear, bit-identical to the torch backend
         assert_bit_equal(y, G.matmul_4bit(x, packed, state, bias=bias, backend="torch"), "fallback")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@FEW
+@given(case=matmul_cases())
+@example(case=dict(M=20, N=70, K=256, rng=np.random.default_rng(2), blocksize=64, quant_type="nf4",
+                   double_quant=True, dtype=torch.bfloat16, bias=False, config=None))  # N past one tile
+def test_fused_transposed_matmul_within_derived_tolerance(device, case):
+    """``g W`` (the layer's input gradient) against ``g @ W_c`` in float64, W_c the oracle's weight
+    rounded to the compute dtype; fallback (K not a multiple of the block) bit-equal to torch's."""
+    M, N, K, rng, dtype = case["M"], case["N"], case["K"], case["rng"], case["dtype"]
+    W = rng.standard_normal((N, K)).astype(np.float32)
+    packed_ref, state_ref = R.quantize_4bit(W, blocksize=case["blocksize"], quant_type=case["quant_type"],
+                                            double_quant=case["double_quant"])
+    g_np = rng.standard_normal((M, N)).astype(NP_DTYPES[dtype])
+    W_c = R.dequantize_4bit(packed_ref, state_ref, dtype=NP_DTYPES[dtype])  # (N, K)
+    ref64 = g_np.astype(np.float64) @ W_c.astype(np.float64)
+    g, packed = tensor_from_numpy(g_np, device), tensor_from_numpy(packed_ref, device)
+    state = G.QuantState.from_oracle(state_ref, device)
+    y = G.matmul.matmul_4bit_t(g, packed, state, backend="triton")
+    assert y.dtype == dtype and tuple(y.shape) == (M, K)
+    baseline = g @ tensor_from_numpy(W_c, device)  # plain torch, same dtype
+    terms = np.abs(g_np.astype(np.float64)) @ np.abs(W_c.astype(np.float64))
+    assert_derived(y, ref64, baseline, dtype=NP_DTYPES[dtype], what="matmul_4bit_t (triton)", scale=terms.max())
+    if K % 2 or K % case["blocksize"]:  # not the fused kernel: decode + matmul, as the torch backend
+        assert_bit_equal(y, G.matmul.matmul_4bit_t(g, packed, state, backend="torch"), "fallback")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from strategies import lora_problems  # noqa: E402
-from tolerances import assert_derived, assert_within  # noqa: E402
+from tolerances import assert_derived, assert_within, derived_budget  # noqa: E402
 
 import qlora_gpu as G  # noqa: E402
 import qlora_ref as R  # noqa: E402
@@ -118,19 +118,30 @@ def check_against_oracle(c, backend, device="cpu"):
                               dropout_mask=mag["mask"])
     base = baseline(t, tensor_from_numpy(W_c64.astype(NP[cd]), device), s, cd)
     out_np = NP[c["x_dtype"]]
-    for name, got, ref, b, terms, dt in [
-        ("y", y, y64, base[0], terms_y, out_np),
-        ("grad_x", x.grad, grads64[0], base[1], terms_g[0], out_np),
-        ("grad_A", A.grad, grads64[1], base[2], terms_g[1], NP[c["ad"]]),
-        ("grad_B", B.grad, grads64[2], base[3], terms_g[2], NP[c["ad"]]),
+    # The fused Triton product of ONE row multiplies the float32 decoded weight W32, not W_c
+    # (qlora_gpu.kernels.matmul, Note: the one-row product's weights): its base term may differ
+    # from the oracle's by exactly |x_c| |W32 - W_c|^T, which the budget of y adds.
+    K = W_c64.shape[1]
+    one_row = backend == "triton" and int(np.prod(a["x"].shape[:-1])) == 1 and K % 2 == 0
+    rounding = 0.0
+    if one_row:
+        W32 = R.dequantize_4bit(packed_np, state_np, dtype=np.float32).reshape(W_c64.shape).astype(np.float64)
+        x_c = np.abs(a["x"].astype(NP[cd]).astype(np.float64)).reshape(1, K)
+        rounding = float(np.max(x_c @ np.abs(W32 - W_c64).T, initial=0.0))
+    for name, got, ref, b, terms, dt, extra in [
+        ("y", y, y64, base[0], terms_y, out_np, rounding),
+        ("grad_x", x.grad, grads64[0], base[1], terms_g[0], out_np, 0.0),
+        ("grad_A", A.grad, grads64[1], base[2], terms_g[1], NP[c["ad"]], 0.0),
+        ("grad_B", B.grad, grads64[2], base[3], terms_g[2], NP[c["ad"]], 0.0),
     ]:
-        assert_derived(got, ref, b, dtype=dt, scale=float(np.max(terms, initial=0.0)), what=f"{name} ({backend})")
+        scale = float(np.max(terms, initial=0.0))
+        assert_within(got, ref, derived_budget(ref, b, dtype=dt, scale=scale) + extra, f"{name} ({backend})")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(c=qlora_cases())
 def test_qlora_linear_matches_oracle_forward_and_gradients(backend, c):
-    if backend == "triton":  # the interpreter is slow: smaller layers (the fused path needs <= 16 rows)
+    if backend == "triton":  # the interpreter is slow: smaller layers
         c = dict(c, in_f=min(c["in_f"], 40), out_f=min(c["out_f"], 40), r=min(c["r"], c["in_f"], c["out_f"], 40))
     check_against_oracle(c, backend)
 

@@ -17,7 +17,7 @@ DOCS = ROOT / "docs"
 REPORT = ROOT / "benchmarks" / "results" / "kernels.json"
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.kernel_model import budget, predict  # noqa: E402
+from benchmarks.kernel_model import GPUS, ISSUE_PER_CLOCK, budget, bytes_per_item, predict  # noqa: E402
 
 
 def _md_table(headers, rows) -> str:
@@ -32,7 +32,7 @@ def _widths(counts: dict) -> str:
 
 def _constexprs(r: dict) -> str:
     c = r["constexprs"]
-    if r["kind"] == "matmul":
+    if r["kind"] in ("matmul", "matmul_t"):
         keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "USE_DOT")
     elif r["kind"] == "double_quantize":
         keys = ("NESTED",)
@@ -51,13 +51,15 @@ def _budget_cell(r: dict) -> str:
 
 
 def _row(r: dict) -> list:
+    gemm = (r["kind"] == "matmul" and r["rows"] > 16) or r["kind"] == "matmul_t"  # tensor cores: outside the model
     p = predict(r)
-    spills = r["local_bytes"] + r["spill_instructions"]
+    spills = r["stack_bytes"] + r["local_bytes"] + r["spill_instructions"]
     return [r["case"], f"sm_{r['arch']}", _constexprs(r), r["registers"], "none" if not spills else
-            f"{r['local_bytes']} B", f"{r['shared_bytes'] / 1024:.1f}", r["loop_instructions"],
+            f"{r['stack_bytes'] + r['local_bytes']} B", f"{r['shared_bytes'] / 1024:.1f}", r["loop_instructions"],
             f"{r['per_item']:.1f}", _budget_cell(r), _widths(r["loads"]), _widths(r["stores"]),
             r["loop_shuffles"], r["contractions"],
-            f"{p['H100']['fraction']:.0%} ({p['H100']['bound']})", f"{p['H200']['fraction']:.0%} ({p['H200']['bound']})"]
+            *(["not modelled"] * 2 if gemm else
+              [f"{p[g]['fraction']:.0%} ({p[g]['bound']})" for g in ("H100", "H200")])]
 
 
 HEADERS = ["case", "arch", "launch", "regs", "spills", "shared KB", "loop instr", "per item", "budget",
@@ -97,7 +99,22 @@ def budget_summary() -> str:
     return _md_table(["case (sm_90)", "instructions per item", "budget", "verdict", "loads", "stores"], rows)
 
 
-GENERATED = {"kernels_default.md": default_table, "kernels_all.md": all_table, "kernels_budgets.md": budget_summary}
+def model_constants() -> str:
+    """The model's constants per GPU and the bytes per item of the default cases."""
+    rows = []
+    for gpu, c in GPUS.items():
+        per_clock = c["bandwidth"] / (c["sms"] * c["clock_hz"])
+        rows.append([gpu, f"{c['bandwidth'] / 1e12:.2f}", c["sms"], f"{c['clock_hz'] / 1e9:.2f}", f"{per_clock:.1f}",
+                     ISSUE_PER_CLOCK])
+    table = _md_table(["GPU", "datasheet TB/s", "multiprocessors", "max clock GHz", "bytes per clock per SM",
+                       "thread-instructions per clock per SM"], rows)
+    decode = bytes_per_item({"kind": "decode", "blocksize": 64, "double_quant": True, "dtype": "bfloat16"})
+    product = bytes_per_item({"kind": "matmul", "rows": 1, "shape": [4096, 14336], "dtype": "bfloat16"})
+    return table + (f"\nBytes per item (NF4, block 64, double quantization, bfloat16): decode {decode:.3f} per "
+                    f"element, the one-row product {product:.3f} per weight of a 4096x14336 weight.\n")
+
+
+GENERATED = {"kernels_model.md": model_constants, "kernels_default.md": default_table, "kernels_all.md": all_table, "kernels_budgets.md": budget_summary}
 
 
 def main() -> int:

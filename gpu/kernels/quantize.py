@@ -41,8 +41,10 @@ from qlora_gpu.kernels.util import launch_context
 
 __all__ = ["quantize_4bit_kernel", "double_quantize_kernel", "quantize_4bit_triton", "double_quantize_triton"]
 
-#: Elements one program of ``quantize_4bit_kernel`` covers (ROWS = this // blocksize, at least 1).
-TILE_ELEMENTS = 2048
+#: Elements one program of ``quantize_4bit_kernel`` covers (ROWS = this // blocksize, at least 1):
+#: 32 per thread at 4 warps, so each thread stores its 16 packed bytes at once (2048 left a
+#: register spill at block 512 on sm_80; ``benchmarks/kernel_report.py``).
+TILE_ELEMENTS = 4096
 
 
 @triton.jit
