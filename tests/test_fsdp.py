@@ -389,3 +389,57 @@ def test_a_sharded_layer_refuses_another_layout(ranks):
     for result in ranks["results"]:
         message = result["refuses_another_layout"]
         assert message is not None and "a sharded layer keeps its layout" in message and "fp4" in message
+
+
+# -- one process: the helpers' contracts -------------------------------------------------------
+
+
+def test_loading_a_state_dict_keeps_the_layers_tensors():
+    """A checkpoint of the same layout is copied into the existing tensors (FSDP's handles)."""
+    layer, other = QLoRALinear(64, 32, r=2), QLoRALinear(64, 32, r=2)
+    tensors = [layer.weight, layer.absmax, layer.quant_map, layer.nested_offset, layer.lora_A.weight]
+    layer.load_state_dict(other.state_dict())
+    assert [layer.weight, layer.absmax, layer.quant_map, layer.nested_offset, layer.lora_A.weight] == tensors
+    assert_bit_equal(layer.weight, other.weight, "packed codes")
+    assert_bit_equal(layer.nested_absmax, other.nested_absmax, "nested absmax")
+    assert type(layer.weight) is torch.nn.Parameter and layer.weight.dtype == torch.uint8
+    assert not layer.weight.requires_grad and not layer.absmax.requires_grad
+
+
+def test_rank_nbytes_on_one_process_counts_every_byte_once():
+    model = _llama()
+    held = rank_nbytes(model)
+    every = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    assert held.total == every
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    assert held.packed == sum(m.weight.nbytes for m in layers) == sum(m.quant_state.packed_nbytes for m in layers)
+    assert held.absmax_codes == sum(m.quant_state.n_blocks for m in layers)
+
+
+def test_full_state_dict_without_a_process_group_is_the_state_dict():
+    model = _llama()
+    full = full_state_dict(model)
+    assert list(full) == list(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert_bit_equal(full[k], v, k)
+
+
+def test_the_helpers_refuse_bad_input(tmp_path):
+    layer = QLoRALinear(64, 32, r=2)
+    with pytest.raises(TypeError, match="nn.Module"):
+        rank_nbytes(layer.state_dict())
+    with pytest.raises(TypeError, match="nn.Module"):
+        full_state_dict("model")
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        load_full_state_dict(layer, [("weight", layer.weight)])
+    with pytest.raises(RuntimeError, match="weight"):
+        load_full_state_dict(QLoRALinear(32, 32, r=2), layer.state_dict())
+    with pytest.raises(ValueError, match="no QLoRALinear"):
+        save_peft_adapter(torch.nn.Linear(4, 4), tmp_path / "a")
+    mixed = torch.nn.Sequential(QLoRALinear(64, 32, r=2), QLoRALinear(32, 64, r=4))
+    with pytest.raises(ValueError, match="differ in"):
+        save_peft_adapter(mixed, tmp_path / "b")
+    with pytest.raises(ValueError, match="no '0.lora_B.weight'"):
+        save_peft_adapter(torch.nn.Sequential(layer), tmp_path / "c", {"0.lora_A.weight": layer.lora_A.weight})
+    with pytest.raises(TypeError, match="nn.Module"):
+        save_peft_adapter({}, tmp_path / "d")
