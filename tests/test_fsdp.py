@@ -443,3 +443,30 @@ def test_the_helpers_refuse_bad_input(tmp_path):
         save_peft_adapter(torch.nn.Sequential(layer), tmp_path / "c", {"0.lora_A.weight": layer.lora_A.weight})
     with pytest.raises(TypeError, match="nn.Module"):
         save_peft_adapter({}, tmp_path / "d")
+
+
+def test_per_rank_bytes_against_the_calculators_sharded_estimate(ranks):
+    """The calculator's FSDP estimate (``qlora-ref memory --gpus N``) against the bytes measured
+    on each rank. It divides every weight item by the number of GPUs; FSDP leaves the float32
+    constants of the 4-bit layers whole (they are buffers, Note: what FSDP shards), so a rank
+    holds the estimate plus the other half of those constants."""
+    from qlora_ref.memory import FinetuneSetup, ModelShape, estimate_memory
+
+    if "num_gpus" not in getattr(FinetuneSetup, "__dataclass_fields__", {}):
+        pytest.skip("the memory calculator has no sharded estimate (FinetuneSetup.num_gpus, --gpus N) here")
+    shape = ModelShape(name="test-llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, vocab_size=VOCAB)
+    setup = FinetuneSetup(rank=R, adapter_dtype="float32", base_dtype="float32", num_gpus=WORLD_SIZE)
+    estimate = estimate_memory(shape, setup)
+    whole = rank_nbytes(_llama())
+    for rank, result in enumerate(ranks["results"]):
+        held = result["same_batch"]["bytes"]
+        assert held["packed"] == estimate.item_bytes("linear weights: 4-bit codes"), f"rank {rank}: packed codes"
+        assert held["adapters"] == estimate.item_bytes("LoRA adapters A, B"), f"rank {rank}: adapters"
+        rotary = sum(b.nbytes for name, b in _llama().named_buffers() if "rotary" in name)  # whole on every rank
+        assert held["other"] == (estimate.item_bytes("embeddings and head") + estimate.item_bytes("norms and biases")
+                                 + rotary), f"rank {rank}: embeddings, head, norms"
+        constants = held["absmax_codes"] + held["constants"]
+        expected = estimate.item_bytes("linear weights: quantization constants") + whole.constants / WORLD_SIZE
+        assert abs(constants - expected) <= 1, (f"rank {rank}: constants {constants} B, estimate + the replicated "
+                                                f"half {expected} B")
