@@ -307,8 +307,8 @@ class QLoRALinear(nn.Module):
             self._copy_base(entries, state, bias)
         elif not _is_plain(self.weight):
             error_msgs.append(f"while loading the 4-bit weight at {prefix!r}: a sharded layer keeps its layout "
-                              f"({self.extra_repr()}); the checkpoint's is {state.quant_type}, block {state.blocksize}, "
-                              f"double_quant={state.double_quant}, dtype {state.dtype}")
+                              f"({self.extra_repr()}); the checkpoint's is {state.quant_type}, "
+                              f"block {state.blocksize}, double_quant={state.double_quant}, dtype {state.dtype}")
         else:
             packed, codes = _as_bytes(entries["weight"]), entries[ABSMAX]
             if state.nested is not None:
