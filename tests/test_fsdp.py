@@ -18,6 +18,8 @@ Note: FSDP equality tiers
       derived tier: error against a float64 run of the same model at most twice the error of
       the one-process float32 run, plus 4 float32 ulps of the largest magnitude. Logits are per
       token; they are held to the same tier (a matmul's row may depend on the row count).
+    - PEFT on the checkpoint loaded by transformers + bitsandbytes: the derived tier against the
+      float64 run of the same files, with the sharded run's float32 logits as the baseline.
 """
 
 from __future__ import annotations
@@ -307,21 +309,16 @@ def test_cpu_offload_equals_one_process_bit_for_bit(ranks, one_process):
 
 def test_data_parallel_is_within_the_derived_tier(ranks, one_process):
     expected = one_process["first"]
-    model64 = _llama().to(torch.float64)
-    for m in model64.modules():
-        if isinstance(m, QLoRALinear):
-            m.compute_dtype = torch.float64  # the exact decode, in float64
-    ref64 = _step(model64, _tokens())
+    ref64 = _step(_in_float64(_llama()), _tokens())
     ranks_out = [r["data_parallel"] for r in ranks["results"]]
     loss = (ranks_out[0]["loss"] + ranks_out[1]["loss"]) / 2  # equal halves: the mean of the means
-    eps = np.float32
-    assert_derived(loss, ref64["loss"], expected["loss"], dtype=eps, what="loss")
+    assert_derived(loss, ref64["loss"], expected["loss"], dtype=np.float32, what="loss")
     logits = torch.cat([r["logits"] for r in ranks_out])
-    assert_derived(logits, ref64["logits"], expected["logits"], dtype=eps, what="logits")
+    assert_derived(logits, ref64["logits"], expected["logits"], dtype=np.float32, what="logits")
     for name, g in expected["grads"].items():
         for rank, r in enumerate(ranks_out):
             assert_bit_equal(r["grads"][name], ranks_out[0]["grads"][name], f"{name}: rank {rank} vs rank 0")
-        assert_derived(ranks_out[0]["grads"][name], ref64["grads"][name], g, dtype=eps, what=f"gradient of {name}")
+        assert_derived(ranks_out[0]["grads"][name], ref64["grads"][name], g, dtype=np.float32, what=f"gradient of {name}")
 
 
 def test_a_dcp_checkpoint_resumes_the_run(ranks, one_process):
@@ -340,6 +337,16 @@ def test_the_full_checkpoint_loads_into_a_sharded_model(ranks, one_process):
         for name, a in saved.items():
             assert_bit_equal(result["loaded_from_full"]["loaded"][name], a, f"rank {rank}: {name} loaded")
         _assert_same_run(result["loaded_from_full"]["next"], expected, f"rank {rank}, from the full checkpoint")
+
+
+def _in_float64(model):
+    """The same model computing in float64 (the 4-bit weights decode exactly): the reference of
+    the derived tier."""
+    model = model.to(torch.float64)  # QLoRALinear keeps its 4-bit state as stored
+    for m in model.modules():
+        if isinstance(m, QLoRALinear):
+            m.compute_dtype = torch.float64
+    return model
 
 
 def _load_saved(folder):
@@ -368,7 +375,9 @@ def test_the_full_state_dict_and_adapter_load_on_one_process(ranks):
 
 def test_the_adapter_loads_in_peft_on_the_bitsandbytes_checkpoint(ranks):
     """transformers reads the whole checkpoint with bitsandbytes, PEFT the adapter folder: their
-    logits are the sharded run's, bit for bit (same decoded weights, same float32 operations)."""
+    logits are the sharded run's in the derived tier (bitsandbytes' CPU product is its own op,
+    which may differ by machine; on the AVX-512 machine this was written on they were equal bit
+    for bit)."""
     peft = pytest.importorskip("peft")
     bnb = pytest.importorskip("bitsandbytes")
     folder = ranks["folder"]
@@ -380,7 +389,10 @@ def test_the_adapter_loads_in_peft_on_the_bitsandbytes_checkpoint(ranks):
     model = peft.PeftModel.from_pretrained(base, folder / "adapter")
     with torch.no_grad():
         logits = model(input_ids=_tokens().flip(0)).logits
-    assert_bit_equal(logits, ranks["results"][0]["same_batch"]["next"]["logits"], "PEFT + bitsandbytes logits")
+    ours = ranks["results"][0]["same_batch"]["next"]["logits"]
+    with torch.no_grad():
+        ref64 = _in_float64(_load_saved(folder))(input_ids=_tokens().flip(0)).logits
+    assert_derived(logits, ref64, ours, dtype=np.float32, what="PEFT + bitsandbytes logits")
     adapter = read_adapter(folder / "adapter")  # and the oracle reads the folder
     assert len(adapter.layers) == 2 * len(TARGETS) and {a.scaling for a in adapter.layers.values()} == {ALPHA / R}
 
