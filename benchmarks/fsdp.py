@@ -51,6 +51,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("layers", "batch", "seq_len", "rank", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.world_size < 0:
+        p.error("--world-size must be >= 1 (or 0: every visible GPU)")
+    if args.device not in ("cuda", "cpu"):
+        p.error(f"--device must be cuda or cpu, got {args.device!r}")
+    if args.model != "tiny":
+        from qlora_ref.memory.shapes import model_shape
+
+        try:
+            model_shape(args.model)
+        except (KeyError, ValueError) as exc:
+            p.error(str(exc).strip("'\""))
     return args
 
 
@@ -169,7 +180,12 @@ def main(argv=None) -> int:
         print(f"benchmarks.fsdp: --world-size {world_size} but {torch.cuda.device_count()} GPU(s)", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before any work: a results folder that cannot be written is a one-line error
+        out.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkstemp(dir=out)[1]).unlink()
+    except OSError as exc:
+        print(f"benchmarks.fsdp: error: cannot write to --out {out}: {exc.strerror}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank_main, args=(args, _free_port(), world_size, tmp), nprocs=world_size, join=True)
