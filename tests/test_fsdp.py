@@ -143,7 +143,7 @@ def _case_same_batch(rank, folder):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32).to_dict()
         (folder / "bnb" / "config.json").write_text(json.dumps(config))
-        save_peft_adapter(model, folder / "adapter", full)
+        save_peft_adapter(model, folder / "adapter", state_dict=full)
     dist.barrier()  # the files exist before any rank reads them
     # The next step, to compare with runs resumed from the checkpoints.
     result["next"] = _step(model, _tokens().flip(0), optimizer)
@@ -318,7 +318,8 @@ def test_data_parallel_is_within_the_derived_tier(ranks, one_process):
     for name, g in expected["grads"].items():
         for rank, r in enumerate(ranks_out):
             assert_bit_equal(r["grads"][name], ranks_out[0]["grads"][name], f"{name}: rank {rank} vs rank 0")
-        assert_derived(ranks_out[0]["grads"][name], ref64["grads"][name], g, dtype=np.float32, what=f"gradient of {name}")
+        assert_derived(ranks_out[0]["grads"][name], ref64["grads"][name], g, dtype=np.float32,
+                       what=f"gradient of {name}")
 
 
 def test_a_dcp_checkpoint_resumes_the_run(ranks, one_process):
@@ -446,13 +447,9 @@ def test_the_helpers_refuse_bad_input(tmp_path):
         load_full_state_dict(layer, [("weight", layer.weight)])
     with pytest.raises(RuntimeError, match="weight"):
         load_full_state_dict(QLoRALinear(32, 32, r=2), layer.state_dict())
-    with pytest.raises(ValueError, match="no QLoRALinear"):
-        save_peft_adapter(torch.nn.Linear(4, 4), tmp_path / "a")
-    mixed = torch.nn.Sequential(QLoRALinear(64, 32, r=2), QLoRALinear(32, 64, r=4))
-    with pytest.raises(ValueError, match="differ in"):
-        save_peft_adapter(mixed, tmp_path / "b")
     with pytest.raises(ValueError, match="no '0.lora_B.weight'"):
-        save_peft_adapter(torch.nn.Sequential(layer), tmp_path / "c", {"0.lora_A.weight": layer.lora_A.weight})
+        save_peft_adapter(torch.nn.Sequential(layer), tmp_path / "c",
+                          state_dict={"0.lora_A.weight": layer.lora_A.weight})
     with pytest.raises(TypeError, match="nn.Module"):
         save_peft_adapter({}, tmp_path / "d")
 

@@ -102,7 +102,7 @@ def train(rank: int, out: str, port: int) -> None:
     full = full_state_dict(model)  # gathered onto rank 0
     if rank == 0:
         save_file({k: v for k, v in full.items() if ".lora_" not in k}, str(Path(out) / "model.safetensors"))
-        save_peft_adapter(model, Path(out) / "adapter", full)
+        save_peft_adapter(model, Path(out) / "adapter", state_dict=full)
     dist.destroy_process_group()
 
 
