@@ -11,6 +11,10 @@ before every timed call and the provider order rotated each round (Note: how a t
   makes from that file (copy the JSON to ``benchmarks/results/`` and rerun that script to
   update ``docs/benchmarks.md``).
 
+Then the FSDP2 case (``benchmarks/fsdp.py``): a QLoRA training step of llama-2-70b's shapes (2
+layers) sharded over every visible GPU, step time and peak memory per rank, in
+``DIR/fsdp-<date>.json`` (``--no-fsdp`` skips it).
+
 Budget: under 5 minutes on one H200 (the oracle's checks run on the host CPU; compiled
 torchao runs at the first shape only unless ``--compile-all``). Without CUDA it exits with
 status 2 and says so; ``--device cpu`` runs the same machinery on the CPU as a dry run (for
@@ -38,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-all", action="store_true", help="compiled variants at every shape (slow to compile)")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile variants")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu is a dry run of the machinery")
+    p.add_argument("--no-fsdp", action="store_true", help="skip the FSDP2 training-step case")
     return p.parse_args(argv)
 
 
@@ -213,8 +218,13 @@ def main(argv=None) -> int:
     failed = [s for s in doc["skipped"] if s["reason"].startswith("check against the oracle failed")]
     if failed:
         print(f"{len(failed)} provider(s) failed their check and were not timed (see 'skipped')", file=sys.stderr)
+    fsdp_status = 0
+    if args.device.startswith("cuda") and not args.no_fsdp:
+        from benchmarks.fsdp import main as fsdp_main
+
+        fsdp_status = fsdp_main(["--out", str(out)])  # spawns one process per GPU
     print(f"done in {doc['wall_s']:.0f} s")
-    return 1 if failed else 0
+    return 1 if failed or fsdp_status else 0
 
 
 if __name__ == "__main__":

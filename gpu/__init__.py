@@ -19,6 +19,9 @@ Layers and models (``qlora_gpu.linear``, ``qlora_gpu.model``): ``QLoRALinear``,
     ``replace_linear_with_qlora(model, target_modules, *, r=8, alpha=16, **options)``,
     ``adapter_state_dict``, ``trainable_parameters``, ``save_peft_adapter`` (a PEFT adapter folder).
 Checkpoints (``qlora_gpu.bnb_format``): ``to_bnb_state_dict``, ``from_bnb_state_dict``.
+Several GPUs (``qlora_gpu.fsdp``, imported on its own: it loads ``torch.distributed``): the
+    layers shard under FSDP2's ``fully_shard`` as they are; ``rank_nbytes``, ``full_state_dict``,
+    ``load_full_state_dict``.
 Codebook tensors (``qlora_gpu.codebooks``): the oracle's tables as cached device tensors.
 Conformance (``qlora_gpu.providers``): ``TorchProvider`` and ``TritonProvider``, plugged into
     ``qlora-ref check`` through the entry-point group ``qlora_ref.providers``.

@@ -25,6 +25,17 @@ State dict keys: ``weight``, ``bias``, ``weight.absmax``, ``weight.quant_map``,
     ``weight.nested_absmax``, ``weight.nested_quant_map``,
     ``weight.quant_state.bitsandbytes__nf4`` (bitsandbytes' order), ``lora_A.weight`` ``(r, in)``,
     ``lora_B.weight`` ``(out, r)``.
+
+Note: what FSDP shards
+    The packed codes ``weight`` and, with double quantization, the 8-bit absmax codes
+    ``absmax`` are frozen uint8 ``nn.Parameter``s (``requires_grad=False``), as bitsandbytes'
+    ``Params4bit`` is a parameter: PyTorch FSDP2 (``fully_shard``) shards every parameter of a
+    module along dim 0 and all-gathers it before the forward and the backward, and its mixed
+    precision policy never casts an integer parameter, so the gathered bytes are the stored
+    bytes. The float32 constants are buffers, replicated on every rank and never cast: the two
+    code maps, the nested absmax (one float per 16384 weights at block 64), the offset and,
+    without double quantization, the float32 absmax (4 bytes per block). ``qlora_gpu.fsdp``
+    shards whole models this way.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from qlora_gpu.bnb_format import from_bnb_state_dict, to_bnb_state_dict
+from qlora_gpu.bnb_format import ABSMAX, from_bnb_state_dict, to_bnb_state_dict
 from qlora_gpu.lora import lora_scaling
 from qlora_gpu.qlora import qlora_linear
 from qlora_gpu.quantize import dequantize_4bit, quantize_4bit
@@ -43,8 +54,9 @@ from qlora_gpu.state import NestedAbsmax, QuantState, torch_dtype
 
 __all__ = ["QLoRALinear"]
 
-# Buffers that hold the 4-bit state: moved by .to(device), never converted by .to(dtype).
-_STATE_BUFFERS = ("weight", "quant_map", "absmax", "nested_absmax", "nested_quant_map", "nested_offset")
+# Tensors that hold the 4-bit state: moved by .to(device), never converted by .to(dtype). The
+# uint8 ones are frozen parameters (Note: what FSDP shards), the float32 ones buffers.
+_STATE_TENSORS = ("weight", "quant_map", "absmax", "nested_absmax", "nested_quant_map", "nested_offset")
 
 
 class QLoRALinear(nn.Module):
@@ -121,13 +133,19 @@ class QLoRALinear(nn.Module):
     # -- the frozen base ---------------------------------------------------------------------
 
     def _set_base(self, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None) -> None:
-        """Store the packed weight and its state as buffers (they move with ``.to()``)."""
+        """Store the packed weight and its state (Note: what FSDP shards); they move with ``.to()``."""
         if tuple(state.shape) != (self.out_features, self.in_features):
             raise ValueError(f"the 4-bit weight has shape {state.shape}, expected ({self.out_features}, {self.in_features})")
-        self.register_buffer("weight", packed.reshape(-1, 1), persistent=False)
+        for name in _STATE_TENSORS:  # a name moves between parameter and buffer with the layout
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+        self.register_parameter("weight", nn.Parameter(packed.reshape(-1, 1), requires_grad=False))
         self.register_buffer("quant_map", state.code, persistent=False)
         nested = state.nested
-        self.register_buffer("absmax", state.absmax if nested is None else nested.codes, persistent=False)
+        if nested is None:
+            self.register_buffer("absmax", state.absmax, persistent=False)
+        else:
+            self.register_parameter("absmax", nn.Parameter(nested.codes, requires_grad=False))
         self.register_buffer("nested_absmax", None if nested is None else nested.absmax, persistent=False)
         self.register_buffer("nested_quant_map", None if nested is None else nested.code, persistent=False)
         self.register_buffer("nested_offset", None if nested is None else nested.offset, persistent=False)
@@ -140,7 +158,7 @@ class QLoRALinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) must move the 4-bit state, never convert it: converting the float32
         # absmax or code maps to bf16 would silently change every decoded weight.
-        saved = {name: self._buffers[name] for name in _STATE_BUFFERS if self._buffers.get(name) is not None}
+        saved = {name: self._buffers[name] for name in _STATE_TENSORS if self._buffers.get(name) is not None}
         for name in saved:
             self._buffers[name] = None
         super()._apply(fn, recurse)
@@ -244,6 +262,7 @@ class QLoRALinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         base = to_bnb_state_dict(self.weight, self.quant_state)
+        base["weight"] = self.weight  # the parameter itself (a DTensor shard under FSDP): loaders write into it
         keys = list(base)
         # bitsandbytes' order: weight, bias, then the quant-state entries.
         destination[prefix + "weight"] = base["weight"] if keep_vars else base["weight"].detach()
@@ -259,9 +278,15 @@ class QLoRALinear(nn.Module):
         if not any(k == "weight" or k.startswith("weight.") for k in own):
             missing_keys.extend(prefix + k for k in ("weight", "weight.absmax", "weight.quant_map"))
             return
+        entries = {k: v for k, v in own.items() if k.startswith("weight")}
         try:
-            packed, state = from_bnb_state_dict({k: v for k, v in own.items() if k.startswith("weight")},
-                                                device=self.quant_map.device)
+            # Validation reads only the shapes and dtypes of the packed codes and of the 8-bit
+            # absmax codes (every byte is a valid code), so uninitialised stand-ins are checked in
+            # their place: under FSDP the entries are shards of the whole tensors (DTensors).
+            device = self.quant_map.device
+            stand_ins = {k: _stand_in(v, "meta" if k == "weight" else device) for k, v in entries.items()
+                         if k in ("weight", ABSMAX) and _holds_codes(k, v)}
+            _, state = from_bnb_state_dict(dict(entries, **stand_ins))
         except (ValueError, TypeError) as exc:
             error_msgs.append(f"while loading the 4-bit weight at {prefix!r}: {exc}")
             return
@@ -275,13 +300,44 @@ class QLoRALinear(nn.Module):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             error_msgs.append(f"size mismatch for {prefix}bias: {tuple(bias.shape)} vs ({self.out_features},)")
             return
-        new_bias = None
-        if bias is not None:
-            new_bias = bias.detach().clone().to(self.bias.device if self.bias is not None else packed.device)
-        self._set_base(packed.clone(), _clone_state(state), new_bias)
         for k in own:
             if k != "bias" and not k.startswith("weight"):
                 unexpected_keys.append(prefix + k)
+        if self._has_layout(state, bias):
+            self._copy_base(entries, state, bias)
+        elif not _is_plain(self.weight):
+            error_msgs.append(f"while loading the 4-bit weight at {prefix!r}: a sharded layer keeps its layout "
+                              f"({self.extra_repr()}); the checkpoint's is {state.quant_type}, "
+                              f"block {state.blocksize}, double_quant={state.double_quant}, dtype {state.dtype}")
+        else:
+            packed, codes = _as_bytes(entries["weight"]), entries[ABSMAX]
+            if state.nested is not None:
+                state = replace(state, nested=replace(state.nested, codes=codes))
+            new_bias = None if bias is None else bias.detach().clone().to(device)
+            self._set_base(packed.to(device).clone(), _clone_state(state.to(device)), new_bias)
+
+    def _has_layout(self, state: QuantState, bias) -> bool:
+        """Whether ``state`` (and ``bias``) fit the current tensors, so loading can copy into them."""
+        m = self._meta
+        nested_blocksize = None if state.nested is None else state.nested.blocksize
+        same_bias = (bias is None) if self.bias is None else (bias is None or bias.dtype == self.bias.dtype)
+        return (state.dtype == m["dtype"] and state.blocksize == m["blocksize"] and same_bias
+                and state.quant_type == m["quant_type"] and nested_blocksize == m["nested_blocksize"])
+
+    @torch.no_grad()
+    def _copy_base(self, entries: dict, state: QuantState, bias) -> None:
+        """Copy a checkpoint's base into the current tensors in place (their identity is FSDP's handle)."""
+        self.weight.copy_(entries["weight"] if entries["weight"].dtype == torch.uint8 else _as_bytes(entries["weight"]))
+        self.quant_map.copy_(state.code)
+        if state.nested is None:
+            self.absmax.copy_(state.absmax)
+        else:
+            self.absmax.copy_(entries[ABSMAX])
+            self.nested_absmax.copy_(state.nested.absmax)
+            self.nested_quant_map.copy_(state.nested.code)
+            self.nested_offset.copy_(state.nested.offset)
+        if bias is not None:
+            self.bias.copy_(bias)
 
     # -- compute -----------------------------------------------------------------------------
 
@@ -326,6 +382,26 @@ class QLoRALinear(nn.Module):
                 f"quant_type={m['quant_type']!r}, blocksize={m['blocksize']}, "
                 f"double_quant={m['nested_blocksize'] is not None}, rslora={self.rslora}, dropout={self.dropout}, "
                 f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}")
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an ordinary tensor, not a subclass such as the DTensor shard FSDP puts in place."""
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
+def _holds_codes(key: str, t) -> bool:
+    """Whether an entry holds 4-bit or 8-bit codes, whose values need no check (every byte is valid)."""
+    return isinstance(t, torch.Tensor) and (key == "weight" or t.dtype == torch.uint8)
+
+
+def _stand_in(t: torch.Tensor, device) -> torch.Tensor:
+    """An uninitialised tensor with ``t``'s (global) shape and dtype on ``device``."""
+    return torch.empty(t.shape, dtype=t.dtype, device=device)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The packed codes as ``(nbytes, 1)`` uint8 (a ``quant_storage`` dtype only reinterprets them)."""
+    return t.detach().contiguous().view(torch.uint8).reshape(-1, 1)
 
 
 def _clone_state(state: QuantState) -> QuantState:

@@ -12,7 +12,7 @@ Public API
     ``rslora``, ``dropout``, ``compute_dtype``, ``adapter_dtype``, ``backend``). Afterwards only
     the adapters (``lora_A.weight``, ``lora_B.weight``) require gradients.
 ``adapter_state_dict(model)`` -> ``{name: tensor}``: the adapters only, PEFT-style names.
-``trainable_parameters(model)`` -> ``(trainable, total)`` element counts (4-bit buffers not counted).
+``trainable_parameters(model)`` -> ``(trainable, total)`` element counts (the 4-bit state not counted).
 ``save_peft_adapter(model, folder, ...)`` -> ``Path``: the adapters as a PEFT LoRA adapter folder.
 
 Note: target_modules matching (PEFT's rule)
@@ -135,21 +135,27 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """Return ``(trainable, total)`` parameter element counts (4-bit buffers are not parameters).
+    """Return ``(trainable, total)`` parameter element counts, the 4-bit state not counted.
+
+    The packed codes and absmax codes of a ``QLoRALinear`` are frozen uint8 parameters only so
+    that FSDP shards them (``qlora_gpu.linear``, Note: what FSDP shards); they are storage,
+    not parameters of the model, and are left out of ``total``.
 
     Examples
     --------
     >>> trainable_parameters(nn.Linear(4, 2))
     (10, 10)
     """
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    storage = {id(t) for m in model.modules() if isinstance(m, QLoRALinear) for t in (m.weight, m.absmax)}
+    params = [p for p in model.parameters() if id(p) not in storage]
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
     return trainable, total
 
 
 
 def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str | None = None,
-                      task_type: str | None = "CAUSAL_LM") -> Path:
+                      task_type: str | None = "CAUSAL_LM", state_dict: dict | None = None) -> Path:
     """Write the adapters of every ``QLoRALinear`` in ``model`` as a PEFT LoRA adapter folder.
 
     The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with one
@@ -170,6 +176,10 @@ def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str 
         Recorded in the config (PEFT uses it when no base model is passed).
     task_type : str or None
         PEFT's task type (``"CAUSAL_LM"``, ...), or None.
+    state_dict : dict, optional
+        Where to take the adapter tensors from (``<layer>.lora_A.weight``, ...), for a model
+        sharded by FSDP, whose own adapters are shards: its whole state dict
+        (``qlora_gpu.fsdp.full_state_dict``, on rank 0). Default: the model's adapters.
 
     Returns
     -------
@@ -178,9 +188,11 @@ def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str 
 
     Raises
     ------
+    TypeError
+        If ``model`` is not an ``nn.Module``.
     ValueError
         If the model has no ``QLoRALinear``, or its layers differ in rsLoRA or dropout (PEFT's
-        config holds one value of each).
+        config holds one value of each), or ``state_dict`` lacks a layer's adapter.
 
     Examples
     --------
@@ -194,6 +206,8 @@ def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str 
     >>> config["r"], config["lora_alpha"], config["target_modules"]
     (4, 8, ['0', '2'])
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
     if not layers:
         raise ValueError("the model has no QLoRALinear layer to save")
@@ -211,7 +225,13 @@ def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str 
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    source = adapter_state_dict(model)
+    if state_dict is not None:
+        missing = sorted(k for k in source if k not in state_dict)
+        if missing:
+            raise ValueError(f"state_dict has no {missing[0]!r} ({len(missing)} adapter tensors missing)")
+        source = {k: state_dict[k] for k in source}
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in source.items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder

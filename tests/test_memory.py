@@ -105,7 +105,8 @@ def test_weight_and_adapter_bytes_equal_qlora_linear_buffers():
         for out_features, in_features in SMALL.linear_layers().values():
             layer = qlora_gpu.QLoRALinear(in_features, out_features, r=setup.rank, bias=False, blocksize=32,
                                           double_quant=True, adapter_dtype=torch.bfloat16)
-            base += sum(b.nbytes for b in layer.buffers())
+            frozen = [p for p in layer.parameters() if not p.requires_grad]  # the uint8 codes (linear.py)
+            base += sum(t.nbytes for t in [*layer.buffers(), *frozen])
             adapters += layer.lora_A.weight.nbytes + layer.lora_B.weight.nbytes
     assert _linear_weights(breakdown) == base
     assert breakdown.item_bytes("LoRA adapters A, B") == adapters
