@@ -51,7 +51,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from qlora_gpu import QLoRALinear, replace_linear_with_qlora  # noqa: E402
 from qlora_gpu.fsdp import full_state_dict, load_full_state_dict, rank_nbytes  # noqa: E402
 from qlora_gpu.model import save_peft_adapter  # noqa: E402
-
 from qlora_ref.formats.peft import read_adapter  # noqa: E402
 
 WORLD_SIZE = 2

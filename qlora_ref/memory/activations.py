@@ -170,7 +170,7 @@ def activation_items(model, setup) -> list:
     c = INPUT_DTYPES[setup.compute_dtype].itemsize
     b, s = setup.batch_size, setup.seq_len
     tokens = b * s
-    h, v = model.hidden_size, model.vocab_size
+    h = model.hidden_size
     layer_bytes = sum(nbytes for _, nbytes in layer_activation_terms(model, setup))  # per token
     items = []
     # Through the loss and the top layer's backward every layer's share is kept; when the bottom
