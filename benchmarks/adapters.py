@@ -129,7 +129,7 @@ class OracleAdapter(Adapter):
         packed, state = handle
         nested = state.nested
         return {"packed": packed.nbytes, "absmax codes": nested.codes.nbytes, "nested absmax": nested.absmax.nbytes,
-                "nested map": nested.code.nbytes, "offset": np.asarray(nested.offset).nbytes, "code": state.code.nbytes}
+                "nested map": nested.codebook.nbytes, "offset": np.asarray(nested.offset).nbytes, "code": state.codebook.nbytes}
 
 
 class QloraGpuAdapter(Adapter):
@@ -187,8 +187,8 @@ class QloraGpuAdapter(Adapter):
         def b(t):
             return t.numel() * t.element_size()
 
-        return {"packed": b(packed), "absmax codes": b(n.codes), "nested absmax": b(n.absmax), "nested map": b(n.code),
-                "offset": b(n.offset), "code": b(state.code)}
+        return {"packed": b(packed), "absmax codes": b(n.codes), "nested absmax": b(n.absmax), "nested map": b(n.codebook),
+                "offset": b(n.offset), "code": b(state.codebook)}
 
 
 class BitsAndBytesAdapter(Adapter):
@@ -235,10 +235,10 @@ class BitsAndBytesAdapter(Adapter):
     def to_oracle(self, handle):
         packed, qs = handle
         nested = RefNested(scheme="bnb", codes=tensor_to_numpy(qs.absmax), absmax=tensor_to_numpy(qs.state2.absmax),
-                           code=tensor_to_numpy(qs.state2.code), offset=np.float32(qs.offset.item()),
+                           codebook=tensor_to_numpy(qs.state2.code), offset=np.float32(qs.offset.item()),
                            blocksize=qs.state2.blocksize)
         state = RefState(shape=tuple(qs.shape), dtype=_dtype_name(qs.dtype), blocksize=qs.blocksize,
-                         quant_type=qs.quant_type, code=tensor_to_numpy(qs.code), nested=nested)
+                         quant_type=qs.quant_type, codebook=tensor_to_numpy(qs.code), nested=nested)
         return tensor_to_numpy(packed), state
 
     def buffers(self, handle):
@@ -304,11 +304,11 @@ class TorchaoAdapter(Adapter):
 
         dtype = _dtype_name(nf4.dtype)
         nested = RefNested(scheme="torchao", codes=tensor_to_numpy(nf4.quantized_scalers).astype(np.int8).reshape(-1),
-                           absmax=tensor_to_numpy(nf4.quantization_factor).reshape(-1), code=None,
+                           absmax=tensor_to_numpy(nf4.quantization_factor).reshape(-1), codebook=None,
                            offset=tensor_to_numpy(nf4.scaler_mean).reshape(()).astype(tensor_to_numpy(nf4.nf4).dtype)[()],
                            blocksize=nf4.scaler_block_size)
         state = RefState(shape=tuple(nf4.shape), dtype=dtype, blocksize=nf4.block_size, quant_type="nf4",
-                         code=torchao_codebook(dtype), nested=nested)
+                         codebook=torchao_codebook(dtype), nested=nested)
         return tensor_to_numpy(nf4.quantized_data).reshape(-1, 1), state
 
     def buffers(self, nf4):

@@ -84,9 +84,9 @@ def slice_state(packed: np.ndarray, state: QuantState, rows: int) -> tuple[np.nd
     nested = state.nested
     n_nested = -(-n_blocks // nested.blocksize)
     sliced = NestedAbsmax(scheme=nested.scheme, codes=nested.codes[:n_blocks], absmax=nested.absmax[:n_nested],
-                          code=nested.code, offset=nested.offset, blocksize=nested.blocksize)
+                          codebook=nested.codebook, offset=nested.offset, blocksize=nested.blocksize)
     sub = QuantState(shape=(rows, state.shape[1]), dtype=state.dtype, blocksize=state.blocksize,
-                     quant_type=state.quant_type, code=state.code, nested=sliced)
+                     quant_type=state.quant_type, codebook=state.codebook, nested=sliced)
     return packed.reshape(-1)[: m // 2].reshape(-1, 1), sub
 
 
@@ -258,7 +258,7 @@ def decode_float32_intermediates(packed: np.ndarray, state: QuantState, dtype: s
     q = nested.codes.astype(np.float32).reshape(-1, nested.blocksize)  # (n_nested, 256)
     factor = np.asarray(nested.absmax).astype(np.float32)  # (n_nested,)
     scaler = (q / factor[:, None]).reshape(-1) + np.asarray(nested.offset).astype(np.float32)  # (n_blocks,)
-    table = np.asarray(state.code).astype(np.float32)
+    table = np.asarray(state.codebook).astype(np.float32)
     y = (table[codes].reshape(-1, state.blocksize) * scaler[:, None]).reshape(state.shape)  # float32
     return y.astype(numpy_dtype(state.dtype)).astype(numpy_dtype(dtype))
 

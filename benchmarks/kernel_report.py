@@ -127,11 +127,11 @@ class Case:
             return double_quantize_triton(torch.empty(m, device=meta), torch.empty((), device=meta), 256)
         n_blocks = -(-n // blocksize)
         common = dict(shape=(N, K), dtype=torch.bfloat16, blocksize=blocksize, quant_type="nf4",
-                      code=torch.empty(16, device=meta))
+                      codebook=torch.empty(16, device=meta))
         if p.get("double_quant", True):
             nested = NestedAbsmax(codes=torch.empty(n_blocks, dtype=torch.uint8, device=meta),
                                   absmax=torch.empty(-(-n_blocks // 256), device=meta),
-                                  code=torch.empty(256, device=meta), offset=torch.empty((), device=meta))
+                                  codebook=torch.empty(256, device=meta), offset=torch.empty((), device=meta))
             state = QuantState(**common, nested=nested)
         else:
             state = QuantState(**common, absmax=torch.empty(n_blocks, device=meta))

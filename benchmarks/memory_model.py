@@ -82,13 +82,13 @@ def _nbytes(a) -> int:
 
 def _state_buffers(packed, state) -> dict:
     """Buffers of an oracle or ``qlora_gpu`` state (same field names)."""
-    out = {"packed": _nbytes(packed), "code": _nbytes(state.code)}
+    out = {"packed": _nbytes(packed), "code": _nbytes(state.codebook)}
     if state.nested is None:
         out["absmax"] = _nbytes(state.absmax)
     else:
         n = state.nested
         out.update({"absmax codes": _nbytes(n.codes), "nested absmax": _nbytes(n.absmax),
-                    "nested map": _nbytes(n.code), "offset": _nbytes(n.offset)})
+                    "nested map": _nbytes(n.codebook), "offset": _nbytes(n.offset)})
     return out
 
 

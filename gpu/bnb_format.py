@@ -119,13 +119,13 @@ def to_bnb_state_dict(packed: torch.Tensor, state: QuantState) -> dict:
     out = {"weight": packed.reshape(-1, 1)}
     if state.nested is None:
         out[ABSMAX] = state.absmax
-        out[QUANT_MAP] = state.code
+        out[QUANT_MAP] = state.codebook
     else:
         nest = state.nested
         out[ABSMAX] = nest.codes
-        out[QUANT_MAP] = state.code
+        out[QUANT_MAP] = state.codebook
         out[NESTED_ABSMAX] = nest.absmax
-        out[NESTED_QUANT_MAP] = nest.code
+        out[NESTED_QUANT_MAP] = nest.codebook
         # float() of the float32 offset: json writes the shortest float64 text, exact on reading.
         payload.update(nested_blocksize=int(nest.blocksize), nested_dtype="float32",
                        nested_offset=float(nest.offset.item()))
@@ -208,7 +208,7 @@ def from_bnb_state_dict(d: Mapping, device=None) -> tuple[torch.Tensor, QuantSta
     -------
     packed : Tensor, shape ((n + 1) // 2, 1), uint8
     state : QuantState
-        ``code``, and when nested the map and offset, are the file's.
+        ``codebook``, and when nested the map and offset, are the file's.
 
     Raises
     ------
@@ -252,7 +252,7 @@ def from_bnb_state_dict(d: Mapping, device=None) -> tuple[torch.Tensor, QuantSta
     expected = codebooks.codebook(quant_type, table.device)
     if not torch.equal(table.view(torch.int32), expected.view(torch.int32)):
         raise ValueError(f"'weight.quant_map' is not the {quant_type} codebook")
-    common = dict(shape=shape, dtype=DTYPES[meta["dtype"]], blocksize=blocksize, quant_type=quant_type, code=table)
+    common = dict(shape=shape, dtype=DTYPES[meta["dtype"]], blocksize=blocksize, quant_type=quant_type, codebook=table)
     if not nested:
         absmax = _tensor(d, ABSMAX, torch.float32, (n_blocks,))
         if not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
@@ -268,7 +268,7 @@ def from_bnb_state_dict(d: Mapping, device=None) -> tuple[torch.Tensor, QuantSta
         if not bool(torch.isfinite(nested_map).all()):
             raise ValueError("'weight.nested_quant_map' holds NaN or Inf values")
         offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=codes.device)
-        state = QuantState(**common, nested=NestedAbsmax(codes=codes, absmax=nested_absmax, code=nested_map,
+        state = QuantState(**common, nested=NestedAbsmax(codes=codes, absmax=nested_absmax, codebook=nested_map,
                                                          offset=offset, blocksize=nbs))
     if device is not None:
         packed, state = packed.to(device), state.to(device)

@@ -143,18 +143,18 @@ def encode_table(quant_type: str, device="cpu") -> torch.Tensor:
     return _encode(_check(quant_type), str(torch.device(device)))
 
 
-def pair_table(code: torch.Tensor) -> torch.Tensor:
+def pair_table(codebook: torch.Tensor) -> torch.Tensor:
     """Return the two float32 values of each packed byte, as one int64 per byte.
 
     Parameters
     ----------
-    code : Tensor, shape (16,), any float dtype
-        The codebook (``QuantState.code``), converted to float32.
+    codebook : Tensor, shape (16,), any float dtype
+        The codebook (``QuantState.codebook``), converted to float32.
 
     Returns
     -------
     Tensor, shape (256,), int64
-        Entry ``b`` is the float32 pair ``(code[b >> 4], code[b & 15])`` reinterpreted as one
+        Entry ``b`` is the float32 pair ``(codebook[b >> 4], codebook[b & 15])`` reinterpreted as one
         int64, so that one 1-D gather decodes two elements; view the result as float32.
 
     Examples
@@ -162,7 +162,7 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
     >>> pair_table(codebook("nf4")).view(torch.float32).reshape(256, 2)[0xF0].tolist()
     [1.0, -1.0]
     """
-    c = code.to(torch.float32)
+    c = codebook.to(torch.float32)
     byte = torch.arange(256, device=c.device)
     return torch.stack([c[byte >> 4], c[byte & 15]], dim=1).view(torch.int64).reshape(256)
 

@@ -140,14 +140,14 @@ class QLoRALinear(nn.Module):
             self._parameters.pop(name, None)
             self._buffers.pop(name, None)
         self.register_parameter("weight", nn.Parameter(packed.reshape(-1, 1), requires_grad=False))
-        self.register_buffer("quant_map", state.code, persistent=False)
+        self.register_buffer("quant_map", state.codebook, persistent=False)
         nested = state.nested
         if nested is None:
             self.register_buffer("absmax", state.absmax, persistent=False)
         else:
             self.register_parameter("absmax", nn.Parameter(nested.codes, requires_grad=False))
         self.register_buffer("nested_absmax", None if nested is None else nested.absmax, persistent=False)
-        self.register_buffer("nested_quant_map", None if nested is None else nested.code, persistent=False)
+        self.register_buffer("nested_quant_map", None if nested is None else nested.codebook, persistent=False)
         self.register_buffer("nested_offset", None if nested is None else nested.offset, persistent=False)
         self._meta = dict(dtype=state.dtype, blocksize=state.blocksize, quant_type=state.quant_type,
                           nested_blocksize=None if nested is None else nested.blocksize)
@@ -172,11 +172,11 @@ class QLoRALinear(nn.Module):
         """The base weight's ``QuantState``, built over the current buffers (no copies)."""
         m = self._meta
         common = dict(shape=(self.out_features, self.in_features), dtype=m["dtype"], blocksize=m["blocksize"],
-                      quant_type=m["quant_type"], code=self.quant_map)
+                      quant_type=m["quant_type"], codebook=self.quant_map)
         if m["nested_blocksize"] is None:
             return QuantState(**common, absmax=self.absmax)
         return QuantState(**common, nested=NestedAbsmax(codes=self.absmax, absmax=self.nested_absmax,
-                                                        code=self.nested_quant_map, offset=self.nested_offset,
+                                                        codebook=self.nested_quant_map, offset=self.nested_offset,
                                                         blocksize=m["nested_blocksize"]))
 
     @property
@@ -328,13 +328,13 @@ class QLoRALinear(nn.Module):
     def _copy_base(self, entries: dict, state: QuantState, bias) -> None:
         """Copy a checkpoint's base into the current tensors in place (their identity is FSDP's handle)."""
         self.weight.copy_(entries["weight"] if entries["weight"].dtype == torch.uint8 else _as_bytes(entries["weight"]))
-        self.quant_map.copy_(state.code)
+        self.quant_map.copy_(state.codebook)
         if state.nested is None:
             self.absmax.copy_(state.absmax)
         else:
             self.absmax.copy_(entries[ABSMAX])
             self.nested_absmax.copy_(state.nested.absmax)
-            self.nested_quant_map.copy_(state.nested.code)
+            self.nested_quant_map.copy_(state.nested.codebook)
             self.nested_offset.copy_(state.nested.offset)
         if bias is not None:
             self.bias.copy_(bias)
@@ -410,8 +410,8 @@ def _clone_state(state: QuantState) -> QuantState:
     nested = None
     if state.nested is not None:
         n = state.nested
-        nested = replace(n, codes=n.codes.clone(), absmax=n.absmax.clone(), code=n.code.clone(),
+        nested = replace(n, codes=n.codes.clone(), absmax=n.absmax.clone(), codebook=n.codebook.clone(),
                          offset=n.offset.clone())
-    return replace(state, code=state.code.clone(), absmax=None if state.absmax is None else state.absmax.clone(),
+    return replace(state, codebook=state.codebook.clone(), absmax=None if state.absmax is None else state.absmax.clone(),
                    nested=nested)
 

@@ -333,7 +333,7 @@ def double_quantize(absmax: torch.Tensor, *, blocksize: int = _NESTED_BLOCKSIZE,
                                       right=False)
         position = torch.where(torch.isnan(s), codebooks.DYNAMIC_ZERO_CODE, position)
         codes = position.reshape(-1)[: absmax.numel()].to(torch.uint8)
-    return NestedAbsmax(codes=codes, absmax=nested_absmax, code=codebooks.dynamic_map(absmax.device).clone(),
+    return NestedAbsmax(codes=codes, absmax=nested_absmax, codebook=codebooks.dynamic_map(absmax.device).clone(),
                         offset=offset, blocksize=blocksize)
 
 
@@ -351,8 +351,8 @@ def dequantize_absmax(nested: NestedAbsmax) -> torch.Tensor:
     codes = nested.codes.to(torch.int64)
     n = codes.numel()
     if nested.blocksize > n:  # one nested block: never pad to a size a header field chose
-        return nested.code.to(torch.float32)[codes] * nested.absmax[:1] + nested.offset
-    values = _blocks(nested.code.to(torch.float32)[codes], nested.blocksize)  # (n_nested, bs)
+        return nested.codebook.to(torch.float32)[codes] * nested.absmax[:1] + nested.offset
+    values = _blocks(nested.codebook.to(torch.float32)[codes], nested.blocksize)  # (n_nested, bs)
     scaled = (values * nested.absmax[:, None]).reshape(-1)[:n]
     return scaled + nested.offset
 
@@ -404,7 +404,7 @@ def quantize_4bit(t: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf
     else:
         packed, absmax = _quantize_torch(t, blocksize, quant_type)
     common = dict(shape=tuple(t.shape), dtype=t.dtype, blocksize=blocksize, quant_type=quant_type,
-                  code=codebooks.codebook(quant_type, t.device).clone())  # own copy: safetensors refuses shared memory
+                  codebook=codebooks.codebook(quant_type, t.device).clone())  # own copy: safetensors refuses shared memory
     if nested_on:
         return packed, QuantState(**common, nested=double_quantize(absmax, backend=backend))
     return packed, QuantState(**common, absmax=absmax)
@@ -431,8 +431,8 @@ def check_packed(packed, state: QuantState) -> torch.Tensor:
     codes = state.absmax if state.absmax is not None else state.nested.codes
     if codes.shape != (state.n_blocks,):
         raise ValueError(f"absmax has shape {tuple(codes.shape)}, expected ({state.n_blocks},)")
-    if state.code.shape != (16,):
-        raise ValueError(f"the code map must have 16 entries, got shape {tuple(state.code.shape)}")
+    if state.codebook.shape != (16,):
+        raise ValueError(f"the code map must have 16 entries, got shape {tuple(state.codebook.shape)}")
     return packed.reshape(-1)
 
 
@@ -474,7 +474,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, *, dtype=None, back
 
         return dequantize_4bit_triton(flat, state, out_dtype).reshape(state.shape)
     absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
-    return _dequantize_torch(flat, codebooks.pair_table(state.code), absmax.to(torch.float32), state.numel,
+    return _dequantize_torch(flat, codebooks.pair_table(state.codebook), absmax.to(torch.float32), state.numel,
                              state.blocksize, out_dtype).reshape(state.shape)
 
 

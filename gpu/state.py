@@ -125,7 +125,7 @@ class NestedAbsmax:
         One 8-bit code of the dynamic map per first-level block.
     absmax : Tensor, shape (ceil(n_blocks / blocksize),), float32
         Absmax of each nested block of ``absmax - offset``.
-    code : Tensor, shape (256,), float32
+    codebook : Tensor, shape (256,), float32
         The dynamic map the codes index.
     offset : Tensor, shape (), float32
         The mean subtracted before quantizing (a 0-d tensor, so it stays on the device).
@@ -137,7 +137,7 @@ class NestedAbsmax:
 
     codes: torch.Tensor
     absmax: torch.Tensor
-    code: torch.Tensor
+    codebook: torch.Tensor
     offset: torch.Tensor
     blocksize: int = 256
     scheme: str = "bnb"
@@ -145,12 +145,12 @@ class NestedAbsmax:
     @property
     def nbytes(self) -> int:
         """Bytes of the codes, nested absmax, map and offset (as the oracle counts them)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.absmax, self.code, self.offset))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.absmax, self.codebook, self.offset))
 
     def to(self, device) -> "NestedAbsmax":
         """Return a copy whose tensors live on ``device``."""
         return replace(self, codes=self.codes.to(device), absmax=self.absmax.to(device),
-                       code=self.code.to(device), offset=self.offset.to(device))
+                       codebook=self.codebook.to(device), offset=self.offset.to(device))
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,7 +166,7 @@ class QuantState(BlockLayout):
     blocksize : int
         Elements per block of the flattened tensor.
     quant_type : {"nf4", "fp4", "int4"}
-    code : Tensor, shape (16,), float32
+    codebook : Tensor, shape (16,), float32
         The codebook the codes index.
     absmax : Tensor or None, shape (n_blocks,), float32
         Per-block absmax; None when double quantized.
@@ -185,26 +185,26 @@ class QuantState(BlockLayout):
     dtype: torch.dtype
     blocksize: int
     quant_type: str
-    code: torch.Tensor
+    codebook: torch.Tensor
     absmax: torch.Tensor | None = None
     nested: NestedAbsmax | None = None
 
     @property
     def device(self) -> torch.device:
         """Device of the state's tensors."""
-        return self.code.device
+        return self.codebook.device
 
     @property
     def nbytes(self) -> int:
         """Bytes of everything stored for the tensor (see the oracle's Note: storage accounting)."""
         constants = self.absmax.numel() * 4 if self.absmax is not None else self.nested.nbytes
-        return self.packed_nbytes + constants + self.code.numel() * 4
+        return self.packed_nbytes + constants + self.codebook.numel() * 4
 
     def to(self, device) -> "QuantState":
         """Return a copy whose tensors live on ``device``."""
         return replace(
             self,
-            code=self.code.to(device),
+            codebook=self.codebook.to(device),
             absmax=None if self.absmax is None else self.absmax.to(device),
             nested=None if self.nested is None else self.nested.to(device),
         )
@@ -226,7 +226,7 @@ class QuantState(BlockLayout):
             nested = NestedAbsmax(
                 codes=tensor_from_numpy(np.asarray(n.codes, np.uint8), device),
                 absmax=tensor_from_numpy(np.asarray(n.absmax, np.float32), device),
-                code=tensor_from_numpy(np.asarray(n.code, np.float32), device),
+                codebook=tensor_from_numpy(np.asarray(n.codebook, np.float32), device),
                 offset=torch.tensor(np.float32(n.offset), dtype=torch.float32, device=device),
                 blocksize=int(n.blocksize),
             )
@@ -235,7 +235,7 @@ class QuantState(BlockLayout):
             dtype=DTYPES[state.dtype],
             blocksize=int(state.blocksize),
             quant_type=state.quant_type,
-            code=tensor_from_numpy(np.asarray(state.code, np.float32), device),
+            codebook=tensor_from_numpy(np.asarray(state.codebook, np.float32), device),
             absmax=None if state.absmax is None else tensor_from_numpy(np.asarray(state.absmax, np.float32), device),
             nested=nested,
         )
@@ -247,11 +247,11 @@ class QuantState(BlockLayout):
             n = self.nested
             nested = RefNested(
                 scheme="bnb", codes=tensor_to_numpy(n.codes), absmax=tensor_to_numpy(n.absmax),
-                code=tensor_to_numpy(n.code), offset=np.float32(tensor_to_numpy(n.offset)),
+                codebook=tensor_to_numpy(n.codebook), offset=np.float32(tensor_to_numpy(n.offset)),
                 blocksize=n.blocksize,
             )
         return RefState(
             shape=tuple(self.shape), dtype=dtype_name(self.dtype), blocksize=self.blocksize,
-            quant_type=self.quant_type, code=tensor_to_numpy(self.code),
+            quant_type=self.quant_type, codebook=tensor_to_numpy(self.codebook),
             absmax=None if self.absmax is None else tensor_to_numpy(self.absmax), nested=nested,
         )

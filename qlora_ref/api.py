@@ -86,7 +86,7 @@ def quantize_4bit(x, *, blocksize: int = 64, quant_type: str = "nf4", double_qua
     codes = encode_4bit(x32, absmax, blocksize, quant_type)  # (n,) uint8
     packed = pack_4bit(codes, quant_type)
     common = dict(shape=tuple(int(d) for d in x.shape), dtype=name, blocksize=blocksize,
-                  quant_type=quant_type, code=codebook(quant_type))
+                  quant_type=quant_type, codebook=codebook(quant_type))
     if double_quant == "bnb":
         return packed, QuantState(**common, nested=double_quantize(absmax))
     return packed, QuantState(**common, absmax=absmax)
@@ -128,6 +128,6 @@ def dequantize_4bit(packed, state: QuantState, *, dtype=None) -> np.ndarray:
     absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
     # The fast decoder; it equals decode_4bit(unpack_4bit(...)) bit for bit (the definition,
     # in qlora_ref.blockwise; tests/test_quantize_properties.py checks the two agree).
-    y = decode_packed_4bit(flat, state.numel, absmax.astype(np.float32, copy=False), state.blocksize, state.code)
+    y = decode_packed_4bit(flat, state.numel, absmax.astype(np.float32, copy=False), state.blocksize, state.codebook)
     with np.errstate(over="ignore"):  # beyond the output dtype's range rounds to +-inf, as in torch
         return y.astype(out_dtype, copy=False).reshape(state.shape)

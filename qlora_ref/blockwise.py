@@ -73,10 +73,10 @@ def check_quant_type(quant_type) -> str:
     return quant_type
 
 
-def sorted_midpoints(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sorted_midpoints(codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return (float32 midpoints between sorted neighbours, code of each sorted position)."""
-    order = np.argsort(table, kind="stable")  # FP4 is stored by code, not by value
-    v = table[order]
+    order = np.argsort(codebook, kind="stable")  # FP4 is stored by code, not by value
+    v = codebook[order]
     midpoints = (v[:-1] + v[1:]) / np.float32(2.0)  # float32, as the formats compute them
     return midpoints, order
 
@@ -232,13 +232,13 @@ def check_packed(packed, state: QuantState) -> np.ndarray:
             raise ValueError(f"absmax has shape {state.absmax.shape}, expected ({n_blocks},)")
     elif state.nested.codes.shape != (n_blocks,):
         raise ValueError(f"nested absmax codes have shape {state.nested.codes.shape}, expected ({n_blocks},)")
-    if state.code.shape != (16,):
-        raise ValueError(f"the code map must have 16 entries, got shape {state.code.shape}")
+    if state.codebook.shape != (16,):
+        raise ValueError(f"the code map must have 16 entries, got shape {state.codebook.shape}")
     return packed.reshape(-1)
 
 
-def decode_4bit(codes: np.ndarray, absmax: np.ndarray, blocksize: int, table: np.ndarray) -> np.ndarray:
-    """Decode codes to float32: ``float32(table[code] * absmax[block])``.
+def decode_4bit(codes: np.ndarray, absmax: np.ndarray, blocksize: int, codebook: np.ndarray) -> np.ndarray:
+    """Decode codes to float32: ``float32(codebook[code] * absmax[block])``.
 
     Examples
     --------
@@ -247,7 +247,7 @@ def decode_4bit(codes: np.ndarray, absmax: np.ndarray, blocksize: int, table: np
     """
     n = codes.size
     n_full = n // blocksize
-    values = table.astype(np.float32)[codes]  # (n,) float32
+    values = codebook.astype(np.float32)[codes]  # (n,) float32
     out = np.empty(n, dtype=np.float32)
     # Multiply block by block through a (n_blocks, blocksize) view: no repeated absmax array.
     # An infinite absmax (a double-quantized one can overflow) times a zero code is NaN, as in
@@ -261,10 +261,10 @@ def decode_4bit(codes: np.ndarray, absmax: np.ndarray, blocksize: int, table: np
 
 
 def decode_packed_4bit(packed_flat: np.ndarray, n: int, absmax: np.ndarray, blocksize: int,
-                       table: np.ndarray) -> np.ndarray:
+                       codebook: np.ndarray) -> np.ndarray:
     """Decode packed bytes straight to float32; the same values as ``decode_4bit(unpack_4bit(...))``.
 
-    Each byte indexes a 256-entry table of value pairs ``(table[b >> 4], table[b & 15])``, so one
+    Each byte indexes a 256-entry table of value pairs ``(codebook[b >> 4], codebook[b & 15])``, so one
     gather writes both elements of a byte (first element from the high nibble), and the block
     scaling then runs in place: two passes over the output instead of four.
 
@@ -274,7 +274,7 @@ def decode_packed_4bit(packed_flat: np.ndarray, n: int, absmax: np.ndarray, bloc
     [2.0, -2.0]
     """
     byte = np.arange(256)
-    pairs = np.stack([table[byte >> 4], table[byte & 0x0F]], axis=1).astype(np.float32)  # (256, 2)
+    pairs = np.stack([codebook[byte >> 4], codebook[byte & 0x0F]], axis=1).astype(np.float32)  # (256, 2)
     values = np.take(pairs, packed_flat, axis=0).reshape(-1)[:n]  # (n,) float32, a contiguous view
     n_full = n // blocksize
     with np.errstate(invalid="ignore"):  # inf absmax times a zero code is NaN, as in decode_4bit

@@ -82,17 +82,17 @@ def dynamic_map() -> np.ndarray:
     return DYNAMIC_MAP.copy()
 
 
-def encode_nearest(values: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Return the index of the nearest entry of a sorted ``table`` for each value.
+def encode_nearest(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Return the index of the nearest entry of a sorted ``codebook`` for each value.
 
     Exact: the midpoints between neighbours are computed in float64, where sums of two float32
     values are exact, and a value exactly on a midpoint takes the lower index. NaN takes the
-    index of the table's zero (it arises only as ``0 * inf`` in an all-zero block).
+    index of the codebook's zero (it arises only as ``0 * inf`` in an all-zero block).
 
     Parameters
     ----------
     values : ndarray, float32
-    table : ndarray, shape (k,), float32, sorted ascending
+    codebook : ndarray, shape (k,), float32, sorted ascending
 
     Returns
     -------
@@ -103,12 +103,12 @@ def encode_nearest(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     >>> encode_nearest(np.array([0.24, 0.25, 0.26], np.float32), np.array([0, 0.5, 1], np.float32))
     array([0, 0, 1])
     """
-    t = table.astype(np.float64)
+    t = codebook.astype(np.float64)
     midpoints = (t[:-1] + t[1:]) / 2.0
     idx = np.searchsorted(midpoints, values.astype(np.float64), side="left")
     nan = np.isnan(values)
     if nan.any():
-        idx[nan] = int(np.flatnonzero(table == 0)[0])
+        idx[nan] = int(np.flatnonzero(codebook == 0)[0])
     return idx
 
 
@@ -185,7 +185,7 @@ def double_quantize(absmax: np.ndarray, *, blocksize: int = NESTED_BLOCKSIZE, of
     nested_absmax, scaled = _blockwise_scale(v, int(blocksize))
     codes = encode_nearest(scaled, DYNAMIC_MAP).astype(np.uint8)
     return NestedAbsmax(
-        scheme="bnb", codes=codes, absmax=nested_absmax, code=DYNAMIC_MAP.copy(), offset=offset,
+        scheme="bnb", codes=codes, absmax=nested_absmax, codebook=DYNAMIC_MAP.copy(), offset=offset,
         blocksize=int(blocksize),
     )
 
@@ -216,9 +216,9 @@ def dequantize_absmax(nested: NestedAbsmax) -> np.ndarray:
             f"nested absmax has shape {nested.absmax.shape}, expected ({n_nested},) for "
             f"{codes.size} codes in blocks of {nested.blocksize}"
         )
-    if nested.code is None or nested.code.shape != (256,):
+    if nested.codebook is None or nested.codebook.shape != (256,):
         raise ValueError("the nested code map must have 256 entries")
-    table = nested.code.astype(np.float32)
+    table = nested.codebook.astype(np.float32)
     # One nested absmax per code, by index: O(n_blocks) whatever the nested block size says
     # (a repeated array would be sized by a header field; Note: sizes from the data).
     scale = nested.absmax.astype(np.float32)[np.arange(codes.size) // int(nested.blocksize)]

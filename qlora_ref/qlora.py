@@ -293,8 +293,8 @@ def merge_error(packed, state: QuantState, A, B, scaling) -> dict:
     error_norm = float(np.linalg.norm(E))
     n = state.numel
     # Compare codebook values, not code numbers: FP4's two zeros (codes 0 and 8) are one value.
-    old_values = state.code[unpack_4bit(packed, n)]
-    new_values = new_state.code[unpack_4bit(new_packed, n)]
+    old_values = state.codebook[unpack_4bit(packed, n)]
+    new_values = new_state.codebook[unpack_4bit(new_packed, n)]
     changed = int((old_values != new_values).sum())
     return {
         "max_abs": float(np.abs(E).max()),

@@ -102,7 +102,7 @@ class NestedAbsmax:
     absmax : ndarray, shape (ceil(n_blocks / blocksize),)
         bnb: float32 absmax of each nested block. torchao: the per-block factor, in the
         input dtype.
-    code : ndarray or None
+    codebook : ndarray or None
         bnb: the 256-entry float32 map the codes index (``dynamic_map()``). torchao: None.
     offset : numpy scalar
         bnb: the float32 mean subtracted before quantizing. torchao: the mean, in the input dtype.
@@ -113,7 +113,7 @@ class NestedAbsmax:
     scheme: str
     codes: np.ndarray
     absmax: np.ndarray
-    code: np.ndarray | None
+    codebook: np.ndarray | None
     offset: np.generic
     blocksize: int = 256
 
@@ -121,7 +121,7 @@ class NestedAbsmax:
     def nbytes(self) -> int:
         """Bytes of every stored array of the nested level (codes, absmax, map, offset)."""
         n = self.codes.nbytes + self.absmax.nbytes + np.asarray(self.offset).nbytes
-        return n + (self.code.nbytes if self.code is not None else 0)
+        return n + (self.codebook.nbytes if self.codebook is not None else 0)
 
 
 class BlockLayout:
@@ -195,7 +195,7 @@ class QuantState(BlockLayout):
     blocksize : int
         Elements per block of the flattened tensor, one of ``BLOCKSIZES``.
     quant_type : {"nf4", "fp4", "int4"}
-    code : ndarray, shape (16,)
+    codebook : ndarray, shape (16,)
         The codebook the codes index (float32; the torchao scheme keeps its own rounded table in
         the input dtype).
     absmax : ndarray or None, shape (n_blocks,), float32
@@ -208,7 +208,7 @@ class QuantState(BlockLayout):
     dtype: str
     blocksize: int
     quant_type: str
-    code: np.ndarray
+    codebook: np.ndarray
     absmax: np.ndarray | None = None
     nested: NestedAbsmax | None = None
 
@@ -216,4 +216,4 @@ class QuantState(BlockLayout):
     def nbytes(self) -> int:
         """Bytes of everything stored for the tensor (see Note: storage accounting)."""
         constants = self.absmax.nbytes if self.absmax is not None else self.nested.nbytes
-        return self.packed_nbytes + constants + self.code.nbytes
+        return self.packed_nbytes + constants + self.codebook.nbytes

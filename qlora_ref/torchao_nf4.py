@@ -142,11 +142,11 @@ def quantize_torchao(x, *, blocksize: int = 64, scaler_blocksize: int = 256, mea
     packed : ndarray, shape (n // 2, 1), uint8
         torchao's ``quantized_data`` (two codes per byte, first in the high nibble).
     state : QuantState
-        ``code``: torchao's rounded table in the input dtype; ``nested``: a
+        ``codebook``: torchao's rounded table in the input dtype; ``nested``: a
         ``NestedAbsmax(scheme="torchao")`` with int8 ``codes`` (n_blocks,) =
         ``quantized_scalers``, ``absmax`` (n_blocks // scaler_blocksize,) = the
         ``quantization_factor`` in the input dtype, ``offset`` = ``scaler_mean`` in the input
-        dtype, ``code=None``.
+        dtype, ``codebook=None``.
 
     Raises
     ------
@@ -210,10 +210,10 @@ def quantize_torchao(x, *, blocksize: int = 64, scaler_blocksize: int = 256, mea
     codes[np.isnan(s)] = 0  # all-zero block: every distance is NaN, argmin gives index 0
     packed = pack_4bit(codes, "nf4")
 
-    nested = NestedAbsmax(scheme="torchao", codes=codes8, absmax=factor, code=None, offset=mean_D,
+    nested = NestedAbsmax(scheme="torchao", codes=codes8, absmax=factor, codebook=None, offset=mean_D,
                           blocksize=scaler_blocksize)
     state = QuantState(shape=tuple(int(d) for d in x.shape), dtype=name, blocksize=blocksize,
-                       quant_type="nf4", code=table, nested=nested)
+                       quant_type="nf4", codebook=table, nested=nested)
     return packed, state
 
 
@@ -300,15 +300,15 @@ def dequantize_torchao(packed, state: QuantState, *, dtype=None) -> np.ndarray:
         raise ValueError("dequantize_torchao needs a state made by the 'torchao' scheme")
     D = numpy_dtype(state.dtype)
     out_dtype = numpy_dtype(state.dtype if dtype is None else dtype)
-    if state.code.dtype != D or state.nested.absmax.dtype != D:
+    if state.codebook.dtype != D or state.nested.absmax.dtype != D:
         raise ValueError(
-            f"the table ({state.code.dtype}) and factors ({state.nested.absmax.dtype}) of a torchao "
+            f"the table ({state.codebook.dtype}) and factors ({state.nested.absmax.dtype}) of a torchao "
             f"state must be in its dtype {state.dtype}"
         )
     if state.numel % state.blocksize:
         raise ValueError(f"{state.numel} elements do not fill blocks of {state.blocksize}")
     scalers = _f32(dequantize_scalers(state.nested))  # (n_blocks,)
     codes = unpack_4bit(flat, state.numel).reshape(-1, state.blocksize)  # (n_blocks, blocksize)
-    values = _f32(state.code)[codes]
+    values = _f32(state.codebook)[codes]
     y = _op(values * scalers[:, None], D)  # (n_blocks, blocksize) in D
     return y.astype(out_dtype).reshape(state.shape)

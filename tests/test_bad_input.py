@@ -111,7 +111,7 @@ def test_constants_of_the_wrong_length(quantized):
         with pytest.raises(ValueError, match=r"nested absmax codes have shape \(8,\), expected \(9,\)"):
             dequantize_4bit(packed, dataclasses.replace(state, nested=nested))
     with pytest.raises(ValueError, match="code map must have 16 entries"):
-        dequantize_4bit(packed, dataclasses.replace(state, code=state.code[:8]))
+        dequantize_4bit(packed, dataclasses.replace(state, codebook=state.codebook[:8]))
 
 
 def test_unsupported_output_dtype(quantized):
@@ -123,7 +123,7 @@ def test_unsupported_output_dtype(quantized):
 def test_state_holds_exactly_one_form_of_absmax(quantized):
     _, state = quantized
     with pytest.raises(ValueError, match="exactly one of absmax and nested"):
-        QuantState(shape=(2,), dtype="float32", blocksize=64, quant_type="nf4", code=state.code)
+        QuantState(shape=(2,), dtype="float32", blocksize=64, quant_type="nf4", codebook=state.codebook)
 
 
 # ------------------------------------------------------------ double quantization, torchao

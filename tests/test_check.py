@@ -318,7 +318,7 @@ class BitsAndBytesViaTorch:
             packed, qs = self.F.quantize_4bit(self._t(x), blocksize=blocksize, quant_type=quant_type,
                                               compress_statistics=bool(double_quant))
         common = dict(shape=tuple(x.shape), dtype=dtype_name(x.dtype), blocksize=blocksize,
-                      quant_type=quant_type, code=qs.code.numpy().copy())
+                      quant_type=quant_type, codebook=qs.code.numpy().copy())
         if double_quant:
             s2 = qs.state2
             nested = NestedAbsmax("bnb", qs.absmax.numpy().copy(), s2.absmax.numpy().copy(), s2.code.numpy().copy(),
@@ -328,13 +328,13 @@ class BitsAndBytesViaTorch:
 
     def dequantize(self, packed, state, *, dtype):
         torch, F = self.torch, self.F
-        kw = dict(shape=torch.Size(state.shape), blocksize=state.blocksize, code=torch.from_numpy(state.code.copy()),
+        kw = dict(shape=torch.Size(state.shape), blocksize=state.blocksize, code=torch.from_numpy(state.codebook.copy()),
                   quant_type=state.quant_type, dtype=getattr(torch, dtype))
         if state.nested is None:
             qs = F.QuantState(absmax=torch.from_numpy(state.absmax.copy()), **kw)
         else:
             n = state.nested
-            s2 = F.QuantState(absmax=torch.from_numpy(n.absmax.copy()), code=torch.from_numpy(n.code.copy()),
+            s2 = F.QuantState(absmax=torch.from_numpy(n.absmax.copy()), code=torch.from_numpy(n.codebook.copy()),
                               blocksize=n.blocksize, dtype=torch.float32)
             qs = F.QuantState(absmax=torch.from_numpy(n.codes.copy()), offset=torch.tensor(float(n.offset)),
                               state2=s2, **kw)

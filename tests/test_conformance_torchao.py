@@ -34,11 +34,11 @@ def torchao_state(nf4) -> tuple:
     """torchao's stored tensors as the oracle's (packed, QuantState)."""
     nested = NestedAbsmax(
         scheme="torchao", codes=tensor_to_numpy(nf4.quantized_scalers), absmax=tensor_to_numpy(nf4.quantization_factor),
-        code=None, offset=tensor_to_numpy(nf4.scaler_mean)[()], blocksize=nf4.scaler_block_size,
+        codebook=None, offset=tensor_to_numpy(nf4.scaler_mean)[()], blocksize=nf4.scaler_block_size,
     )
     name = str(nf4.dtype).replace("torch.", "")
     state = QuantState(shape=tuple(nf4.shape), dtype=name, blocksize=nf4.block_size, quant_type="nf4",
-                       code=tensor_to_numpy(nf4.nf4), nested=nested)
+                       codebook=tensor_to_numpy(nf4.nf4), nested=nested)
     return tensor_to_numpy(nf4.quantized_data).reshape(-1, 1), state
 
 
@@ -52,7 +52,7 @@ def check_against_torchao(x: np.ndarray) -> None:
         assert diff.unclassified == 0, f"scaler mean {state.nested.offset!r} vs torchao {theirs_mean!r}: {diff}"
         packed, state = quantize_torchao(x, mean=theirs_mean)
 
-    assert_bit_equal(state.code, tensor_to_numpy(nf4.nf4), "nf4 table")
+    assert_bit_equal(state.codebook, tensor_to_numpy(nf4.nf4), "nf4 table")
     assert_bit_equal(state.nested.offset, theirs_mean, "scaler_mean")
     assert_bit_equal(state.nested.absmax, tensor_to_numpy(nf4.quantization_factor), "quantization_factor")
     assert_bit_equal(state.nested.codes, tensor_to_numpy(nf4.quantized_scalers), "quantized_scalers")
@@ -115,7 +115,7 @@ def test_quantize_4bit_dispatches_to_the_torchao_scheme():
     packed2, state2 = quantize_torchao(x)
     assert_bit_equal(packed, packed2, "packed")
     assert state.nested.scheme == "torchao"
-    assert_bit_equal(state.code, torchao_codebook("bfloat16"), "table")
+    assert_bit_equal(state.codebook, torchao_codebook("bfloat16"), "table")
     assert_bit_equal(dequantize_4bit(packed, state, dtype="float32"),
                      dequantize_torchao(packed, state, dtype="float32"), "decode")
 

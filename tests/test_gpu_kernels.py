@@ -213,12 +213,12 @@ def test_default_config_fills_a_large_gpu():
 def _empty_state(shape, blocksize=64, double_quant=True):
     """A state of the right sizes for the bytes-moved formulas (values irrelevant)."""
     n_blocks = -(-int(np.prod(shape)) // blocksize)
-    common = dict(shape=shape, dtype=torch.bfloat16, blocksize=blocksize, quant_type="nf4", code=torch.zeros(16))
+    common = dict(shape=shape, dtype=torch.bfloat16, blocksize=blocksize, quant_type="nf4", codebook=torch.zeros(16))
     if not double_quant:
         return QuantState(**common, absmax=torch.zeros(n_blocks))
     return QuantState(**common, nested=NestedAbsmax(codes=torch.zeros(n_blocks, dtype=torch.uint8),
                                                     absmax=torch.zeros(-(-n_blocks // 256)),
-                                                    code=torch.zeros(256), offset=torch.tensor(0.0)))
+                                                    codebook=torch.zeros(256), offset=torch.tensor(0.0)))
 
 
 def test_bytes_moved_are_the_documented_ceilings():

@@ -94,7 +94,7 @@ def test_torchao_provider_is_the_oracles_torchao_scheme(dtype):
     assert_bit_equal(packed, packed_ref, "packed")
     assert_bit_equal(state.nested.codes, state_ref.nested.codes, "int8 scalers")
     assert_bit_equal(state.nested.absmax, state_ref.nested.absmax, "factors")
-    assert_bit_equal(state.code, state_ref.code, "rounded table")
+    assert_bit_equal(state.codebook, state_ref.codebook, "rounded table")
     assert_bit_equal(p.dequantize(packed, state), R.dequantize_4bit(packed_ref, state_ref), "decode")
     with pytest.raises(ValueError, match="multiple"):
         p.quantize(X, double_quant="torchao")

@@ -37,14 +37,14 @@ def assert_states_equal(fast_state, ref_state):
     s = fast_state.to_oracle()
     assert (s.shape, s.dtype, s.blocksize, s.quant_type) == (
         ref_state.shape, ref_state.dtype, ref_state.blocksize, ref_state.quant_type)
-    assert_bit_equal(s.code, ref_state.code, "code")
+    assert_bit_equal(s.codebook, ref_state.codebook, "code")
     assert (s.absmax is None) == (ref_state.absmax is None)
     if ref_state.absmax is not None:
         assert_bit_equal(s.absmax, ref_state.absmax, "absmax")
     else:
         assert_bit_equal(s.nested.codes, ref_state.nested.codes, "nested codes")
         assert_bit_equal(s.nested.absmax, ref_state.nested.absmax, "nested absmax")
-        assert_bit_equal(s.nested.code, ref_state.nested.code, "nested map")
+        assert_bit_equal(s.nested.codebook, ref_state.nested.codebook, "nested map")
         assert_bit_equal(np.float32(s.nested.offset), np.float32(ref_state.nested.offset), "offset")
         assert s.nested.blocksize == ref_state.nested.blocksize
 

@@ -95,7 +95,7 @@ def test_fast_path_nested_decode_is_bounded_too():
 
     absmax = torch.rand(64) + 0.5
     small, huge = double_quantize_torch(absmax, blocksize=256), double_quantize_torch(absmax, blocksize=256)
-    huge = type(huge)(codes=huge.codes, absmax=huge.absmax, code=huge.code, offset=huge.offset, blocksize=2**40)
+    huge = type(huge)(codes=huge.codes, absmax=huge.absmax, codebook=huge.codebook, offset=huge.offset, blocksize=2**40)
     assert torch.equal(dequantize_absmax_torch(huge), dequantize_absmax_torch(small))
 
 
@@ -145,13 +145,13 @@ def test_oracle_and_fast_path_refuse_the_same_state_fields(change, error, messag
     fields = dict(shape=(4, 16), dtype="float32", blocksize=64, quant_type="nf4")
     fields.update(change)
     with pytest.raises(error, match=message) as ours:
-        QuantState(**fields, code=np.zeros(16, np.float32), absmax=np.ones(1, np.float32))
+        QuantState(**fields, codebook=np.zeros(16, np.float32), absmax=np.ones(1, np.float32))
     torch = pytest.importorskip("torch")
     from qlora_gpu.state import QuantState as TorchState
 
     fields["dtype"] = torch.float32
     with pytest.raises(error) as theirs:
-        TorchState(**fields, code=torch.zeros(16), absmax=torch.ones(1))
+        TorchState(**fields, codebook=torch.zeros(16), absmax=torch.ones(1))
     assert str(theirs.value) == str(ours.value)
 
 
@@ -508,7 +508,7 @@ def test_inspect_reads_headers_and_small_arrays_only(tmp_path):
     numel = n_out * n_in
     packed = np.random.default_rng(0).integers(0, 256, size=(numel // 2, 1), dtype=np.uint8)
     state = QuantState(shape=(n_out, n_in), dtype="bfloat16", blocksize=blocksize, quant_type="nf4",
-                       code=quantize_4bit(np.ones(2, np.float32))[1].code,
+                       codebook=quantize_4bit(np.ones(2, np.float32))[1].codebook,
                        absmax=np.ones(math.ceil(numel / blocksize), np.float32))
     path = tmp_path / "big.safetensors"
     write_checkpoint(path, {"proj": (packed, state)})

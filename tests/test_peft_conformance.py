@@ -122,10 +122,10 @@ def _oracle_state(base):
     packed = base.weight.data.numpy().copy()  # ((n + 1) // 2, 1) uint8
     assert qs.nested and qs.state2.blocksize == 256, "the test builds an NF4 layer with double quantization"
     nested = NestedAbsmax(scheme="bnb", codes=qs.absmax.numpy().copy(), absmax=qs.state2.absmax.numpy().copy(),
-                          code=qs.state2.code.numpy().copy(), offset=np.float32(qs.offset.item()),
+                          codebook=qs.state2.code.numpy().copy(), offset=np.float32(qs.offset.item()),
                           blocksize=qs.state2.blocksize)
     state = QuantState(shape=tuple(qs.shape), dtype="bfloat16", blocksize=qs.blocksize, quant_type=qs.quant_type,
-                       code=qs.code.numpy().copy(), nested=nested)
+                       codebook=qs.code.numpy().copy(), nested=nested)
     # Exact tier: the oracle's decode of bitsandbytes' state, by the path this machine's
     # bitsandbytes takes (tests/bnb_cpu.py), equals bitsandbytes' own decode.
     theirs = tensor_to_numpy(bnb.functional.dequantize_4bit(base.weight.data, qs))

@@ -216,8 +216,8 @@ def test_the_fast_decoder_equals_the_definition(case, double_quant):
     x, blocksize, quant_type = case
     packed, state = quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
     absmax = state.absmax if state.absmax is not None else dequantize_absmax(state.nested)
-    definition = decode_4bit(unpack_4bit(packed, state.numel), absmax, blocksize, state.code)
-    fast = decode_packed_4bit(packed.reshape(-1), state.numel, absmax, blocksize, state.code)
+    definition = decode_4bit(unpack_4bit(packed, state.numel), absmax, blocksize, state.codebook)
+    fast = decode_packed_4bit(packed.reshape(-1), state.numel, absmax, blocksize, state.codebook)
     assert_bit_equal(fast, definition, "decode_packed_4bit vs decode_4bit")
 
 

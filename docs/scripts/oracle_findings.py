@@ -29,7 +29,7 @@ def row_crossing_absmax():
     # bitsandbytes' AVX-512 loop: element (row, col) scaled by absmax[row * (96 // 64) + col // 64]
     # instead of absmax[(row * 96 + col) // 64], the block it is in.
     rows, cols = np.indices(W.shape)
-    values = state.code[unpack_4bit(packed, W.size)].reshape(W.shape)
+    values = state.codebook[unpack_4bit(packed, W.size)].reshape(W.shape)
     wrong_index = (values * state.absmax[rows * (96 // 64) + cols // 64]).astype(np.float32)
     return {"differ": int(np.sum(theirs != ours)), "of": W.size,
             "equal to the wrong index": bool(np.array_equal(theirs, wrong_index))}
@@ -44,7 +44,7 @@ def bf16_flush_to_zero():
     from qlora_ref.codebooks import codebook
 
     codes = np.tile(np.arange(16, dtype=np.uint8), 6)  # 96 values: a multiple of 16
-    state = QuantState(shape=(96,), dtype="bfloat16", blocksize=64, quant_type="fp4", code=codebook("fp4"),
+    state = QuantState(shape=(96,), dtype="bfloat16", blocksize=64, quant_type="fp4", codebook=codebook("fp4"),
                        absmax=np.array([1e-37, 1e-37], np.float32))
     packed = pack_4bit(codes, "fp4").reshape(-1, 1)
     theirs = _bnb_decode(packed, state, "bfloat16").astype(np.float32).reshape(-1)
@@ -62,7 +62,7 @@ def scalar_fp4_negative_zero():
     from qlora_ref.codebooks import codebook
 
     codes = np.full(120, 8, np.uint8)
-    state = QuantState(shape=(4, 30), dtype="float32", blocksize=64, quant_type="fp4", code=codebook("fp4"),
+    state = QuantState(shape=(4, 30), dtype="float32", blocksize=64, quant_type="fp4", codebook=codebook("fp4"),
                        absmax=np.array([1.0, -1.0], np.float32))  # a double-quantized absmax can be negative
     packed = pack_4bit(codes, "fp4").reshape(-1, 1)
     theirs = _bnb_decode(packed, state, "float32").reshape(-1)

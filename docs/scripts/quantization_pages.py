@@ -159,7 +159,7 @@ def dq_bits_table() -> str:
         x = _normal_matrix(*shape)
         packed, state = quantize_4bit(x, blocksize=64, double_quant=True)
         nested = state.nested
-        per_tensor_bytes = state.code.nbytes + nested.code.nbytes + np.asarray(nested.offset).nbytes
+        per_tensor_bytes = state.codebook.nbytes + nested.codebook.nbytes + np.asarray(nested.offset).nbytes
         per_block_bits = 8.0 * (state.packed_nbytes + nested.codes.nbytes + nested.absmax.nbytes) / state.numel
         rows.append([
             f"{shape[0]}x{shape[1]}", f"{state.numel:,}", f"{per_block_bits:.4f}", per_tensor_bytes,

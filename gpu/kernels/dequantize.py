@@ -82,12 +82,12 @@ def bytes_moved_dequantize(state, out_dtype: torch.dtype) -> int:
     2.516
     """
     n = state.numel
-    read = state.packed_nbytes + state.code.numel() * 4
+    read = state.packed_nbytes + state.codebook.numel() * 4
     if state.nested is None:
         read += state.absmax.numel() * 4
     else:
         nest = state.nested
-        read += nest.codes.numel() + nest.absmax.numel() * 4 + nest.code.numel() * 4 + 4
+        read += nest.codes.numel() + nest.absmax.numel() * 4 + nest.codebook.numel() * 4 + 4
     return read + n * torch.empty((), dtype=out_dtype).element_size()
 
 
@@ -114,7 +114,7 @@ def dequantize_4bit_triton(flat: torch.Tensor, state, out_dtype: torch.dtype, *,
     absmax, nested_absmax, nested_code, offset, nested = absmax_arguments(state)
     with launch_context():
         dequantize_4bit_kernel[grid](
-            flat, state.code, absmax, nested_absmax, nested_code, offset, out, n_bytes, state.n_blocks,
+            flat, state.codebook, absmax, nested_absmax, nested_code, offset, out, n_bytes, state.n_blocks,
             BLOCKSIZE=state.blocksize, NESTED=nested, ROWS=rows, BITWISE=interpreting(), num_warps=num_warps,
             enable_fp_fusion=False,
         )

@@ -281,7 +281,7 @@ def matmul_4bit_t_triton(g2d: torch.Tensor, flat: torch.Tensor, state) -> torch.
     dot_in_fp32 = interpreting() and g2d.dtype == torch.bfloat16
     with launch_context():
         matmul_4bit_t_kernel[(triton.cdiv(K, block_k), triton.cdiv(M, block_m))](
-            g2d, flat, _pair_table(state.code), absmax, nested_absmax, nested_code, offset, out,
+            g2d, flat, _pair_table(state.codebook), absmax, nested_absmax, nested_code, offset, out,
             M, N, K, K // 2, K // state.blocksize, g2d.stride(0),
             BLOCKSIZE=state.blocksize, NESTED=nested, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k,
             PRECISION="ieee" if g2d.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
@@ -399,8 +399,8 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
     dot_in_fp32 = use_dot and interpreting() and x2d.dtype == torch.bfloat16
     with launch_context():
         matmul_4bit_kernel[grid](
-            x2d, flat, _pair_table(state.code), absmax, nested_absmax, nested_code, offset,
-            bias if bias is not None else state.code, out, M, N, K, K // 2, K // state.blocksize, x2d.stride(0),
+            x2d, flat, _pair_table(state.codebook), absmax, nested_absmax, nested_code, offset,
+            bias if bias is not None else state.codebook, out, M, N, K, K // 2, K // state.blocksize, x2d.stride(0),
             BLOCKSIZE=state.blocksize, NESTED=nested, ALIGNED=(K % state.blocksize == 0),
             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
             USE_DOT=use_dot, PRECISION="ieee" if x2d.dtype == torch.float32 or dot_in_fp32 else "tf32",
@@ -411,7 +411,7 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     with launch_context():
         splitk_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
-            out, bias if bias is not None else state.code, y, M * N, N,
+            out, bias if bias is not None else state.codebook, y, M * N, N,
             SPLIT_K=split_k, HAS_BIAS=bias is not None, BITWISE=interpreting(), BLOCK=REDUCE_BLOCK,
             num_warps=4, enable_fp_fusion=False,
         )

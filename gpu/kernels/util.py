@@ -35,9 +35,9 @@ def absmax_arguments(state):
     and ``NESTED`` the nested block size.
     """
     if state.nested is None:
-        return state.absmax, state.absmax, state.code, state.code, 0
+        return state.absmax, state.absmax, state.codebook, state.codebook, 0
     n = state.nested
-    return n.codes, n.absmax, n.code, n.offset, n.blocksize
+    return n.codes, n.absmax, n.codebook, n.offset, n.blocksize
 
 
 @triton.jit

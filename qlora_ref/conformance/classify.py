@@ -273,7 +273,7 @@ def classify_absmax(x, absmax, other_absmax, *, blocksize: int) -> Differences:
     return _result("absmax", a.size, index, [name] * index.size, models=tuple(reproducing), diagnosis=diagnosis)
 
 
-def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, table=None) -> Differences:
+def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, codebook=None) -> Differences:
     """Classify where another implementation's nested (8-bit) absmax codes differ from the oracle's.
 
     Parameters
@@ -284,7 +284,7 @@ def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, t
     codes, other_codes : ndarray, shape (n_blocks,), uint8
     blocksize : int
         Constants per nested block.
-    table : ndarray, shape (256,), float32, optional
+    codebook : ndarray, shape (256,), float32, optional
         The map the codes index; default the dynamic map.
 
     Examples
@@ -298,7 +298,7 @@ def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, t
     v = np.asarray(values, dtype=np.float32).reshape(-1)
     a = np.asarray(codes).reshape(-1).astype(np.int64)
     b = np.asarray(other_codes).reshape(-1).astype(np.int64)
-    t = np.asarray(DYNAMIC_MAP if table is None else table, dtype=np.float64)
+    t = np.asarray(DYNAMIC_MAP if codebook is None else codebook, dtype=np.float64)
     index = np.flatnonzero(a != b)
     n_nested = -(-v.size // blocksize)
     padded = np.zeros(n_nested * blocksize, dtype=np.float64)
@@ -315,7 +315,7 @@ def classify_nested_codes(values, codes, other_codes, *, blocksize: int = 256, t
         scaled32 = (v[index] * (np.float32(1) / c.astype(np.float32))).astype(np.float64)  # the oracle's s
     classes[rest & adjacent & (scaled32 == midpoint) & (bi > ai)] = "tie on a midpoint"
     rest = classes == UNCLASSIFIED
-    if table is None:  # bitsandbytes' CPU lookup table, run on the same values (qlora_ref.conformance.variants)
+    if codebook is None:  # bitsandbytes' CPU lookup table, run on the same values (qlora_ref.conformance.variants)
 
         lut = lookup_table_nested_codes(v, blocksize)[index].astype(np.int64)
         classes[rest & (lut == bi)] = "approximate lookup table"

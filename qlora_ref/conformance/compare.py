@@ -258,8 +258,8 @@ def check_quantize(impl, x, params, arrays, row: Row, name: str) -> None:
         return
     row.add(classify_nested_codes(base - offset_i, ref.codes, codes_i, blocksize=ref.blocksize), f"{name} nested codes")
     row.add(_exact("nested absmax", ref.absmax, absmax2_i.astype(np.float32)), f"{name} nested absmax")
-    if nested.code is not None:
-        row.add(_exact("nested map", DYNAMIC_MAP, np.asarray(nested.code, dtype=np.float32)), f"{name} nested map")
+    if nested.codebook is not None:
+        row.add(_exact("nested map", DYNAMIC_MAP, np.asarray(nested.codebook, dtype=np.float32)), f"{name} nested map")
 
 
 def check_dequantize(impl, case, arrays, row: Row, name: str) -> None:

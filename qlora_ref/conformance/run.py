@@ -273,7 +273,7 @@ def _random_decode_cases(seed: int):
             absmax = (2.0 ** rng.uniform(-8, 8, -(-n // blocksize))).astype(np.float32)
             packed = pack_4bit(codes, quant_type)
             state = QuantState(shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type,
-                               code=codebook(quant_type), absmax=absmax)
+                               codebook=codebook(quant_type), absmax=absmax)
             params = {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype, "shape": list(shape)}
             arrays = {"codes": codes, "packed": packed.reshape(-1), "absmax": absmax,
                       "decoded": dequantize_4bit(packed, state)}
@@ -297,7 +297,7 @@ def _random_decode_cases(seed: int):
             if float(t * a_try) == midpoint and float(t) * float(a_try) != midpoint:
                 absmax[b] = a_try
                 break
-    state = QuantState(shape=shape, dtype="float16", blocksize=blocksize, quant_type="nf4", code=table,
+    state = QuantState(shape=shape, dtype="float16", blocksize=blocksize, quant_type="nf4", codebook=table,
                        absmax=absmax)
     packed = pack_4bit(codes, "nf4")
     yield {"name": "random-decode-float16-midpoints", "kind": "dequantize",

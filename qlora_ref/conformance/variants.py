@@ -256,7 +256,7 @@ def probe_decode_model(dequantize) -> str | None:
         # a normal first block, then absmax so small that most products are float32 subnormals
         absmax = np.concatenate([rng.uniform(0.5, 2, 1), rng.uniform(1e-37, 1e-36, n_blocks - 1)]).astype(np.float32)
         state = QuantState(shape=shape, dtype="float32", blocksize=blocksize, quant_type="fp4",
-                           code=codebook("fp4"), absmax=absmax)
+                           codebook=codebook("fp4"), absmax=absmax)
         packed = pack_4bit(codes, "fp4").reshape(-1, 1)
         for dtype in ("bfloat16", "float32"):
             y = np.asarray(dequantize(packed, state, dtype=dtype))
@@ -550,7 +550,7 @@ def diagnose_decoded(codes, absmax, shape, blocksize: int, quant_type: str, dtyp
 _LUT_STEPS = 65535
 
 
-def lookup_table_nested_codes(values, blocksize: int = 256, table=None) -> np.ndarray:
+def lookup_table_nested_codes(values, blocksize: int = 256, codebook=None) -> np.ndarray:
     """Nested 8-bit codes as bitsandbytes 0.50's CPU path finds them: through a lookup table.
 
     ``s = values * float32(1 / c)`` with ``c`` the nested block's absmax; the cell is
@@ -564,7 +564,7 @@ def lookup_table_nested_codes(values, blocksize: int = 256, table=None) -> np.nd
     values : ndarray, shape (n,), float32
         ``absmax - offset``.
     blocksize : int
-    table : ndarray, shape (256,), float32, optional
+    codebook : ndarray, shape (256,), float32, optional
         The sorted map; default the signed dynamic map.
 
     Returns
@@ -577,7 +577,7 @@ def lookup_table_nested_codes(values, blocksize: int = 256, table=None) -> np.nd
     [255, 35, 131]
     """
 
-    t = np.asarray(DYNAMIC_MAP if table is None else table, dtype=np.float64)
+    t = np.asarray(DYNAMIC_MAP if codebook is None else codebook, dtype=np.float64)
     lut = np.searchsorted((t[:-1] + t[1:]) / 2, np.arange(_LUT_STEPS + 1) / (_LUT_STEPS / 2.0) - 1.0, side="left")
     v = np.asarray(values, dtype=np.float32).reshape(-1)
     n_nested = -(-v.size // blocksize)

@@ -350,7 +350,7 @@ def _dequantize_cases():
             packed = np.tile(np.arange(256, dtype=np.uint8), 4)  # (1024,): every code pair
             absmax = np.array([1.0, 0.3, 7.5, 2.0 ** -20], dtype=np.float32)[:, None].repeat(4, 1).ravel()
             state = QuantState(shape=(packed.size * 2,), dtype=dtype, blocksize=128, quant_type=quant_type,
-                               code=codebook(quant_type), absmax=absmax)
+                               codebook=codebook(quant_type), absmax=absmax)
             arrays = {"packed": packed, "absmax": absmax, "decoded": dequantize_4bit(packed, state)}
             params = {"quant_type": quant_type, "blocksize": 128, "dtype": dtype,
                       "shape": [packed.size * 2], "n_blocks": int(absmax.size)}

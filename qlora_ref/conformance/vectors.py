@@ -426,13 +426,13 @@ def case_state(case: dict, arrays: dict, *, double_quant: bool = False):
         raise ValueError(f"case {case['name']!r} of kind {case['kind']!r} has no 4-bit state")
     dtype = p["weight_dtype"] if case["kind"] == "qlora" else p["dtype"]
     common = dict(shape=tuple(p["shape"]), dtype=dtype, blocksize=p["blocksize"], quant_type=p["quant_type"],
-                  code=codebook(p["quant_type"]))
+                  codebook=codebook(p["quant_type"]))
     packed = arrays["packed"].reshape(-1, 1)
     if double_quant or "absmax" not in arrays:
         if "nested_codes" not in arrays:
             raise ValueError(f"case {case['name']!r} has no double-quantized arrays")
         nested = NestedAbsmax(scheme="bnb", codes=arrays["nested_codes"], absmax=arrays["nested_absmax"],
-                              code=dynamic_map(), offset=np.float32(p["nested_offset"]["value"]),
+                              codebook=dynamic_map(), offset=np.float32(p["nested_offset"]["value"]),
                               blocksize=p["nested_blocksize"])
         return packed, QuantState(**common, nested=nested)
     return packed, QuantState(**common, absmax=arrays["absmax"])

@@ -130,12 +130,12 @@ def to_bnb_state_dict(packed, state: QuantState) -> dict:
     }
     if nested is None:
         out["weight.absmax"] = np.asarray(state.absmax, dtype=np.float32).copy()
-        out["weight.quant_map"] = np.asarray(state.code, dtype=np.float32).copy()
+        out["weight.quant_map"] = np.asarray(state.codebook, dtype=np.float32).copy()
     else:
         out["weight.absmax"] = np.asarray(nested.codes, dtype=np.uint8).copy()
-        out["weight.quant_map"] = np.asarray(state.code, dtype=np.float32).copy()
+        out["weight.quant_map"] = np.asarray(state.codebook, dtype=np.float32).copy()
         out["weight.nested_absmax"] = np.asarray(nested.absmax, dtype=np.float32).copy()
-        out["weight.nested_quant_map"] = np.asarray(nested.code, dtype=np.float32).copy()
+        out["weight.nested_quant_map"] = np.asarray(nested.codebook, dtype=np.float32).copy()
         payload.update(
             nested_blocksize=int(nested.blocksize),
             nested_dtype="float32",
@@ -238,7 +238,7 @@ def from_bnb_state_dict(d: Mapping, *, copy: bool = True) -> tuple[np.ndarray, Q
     -------
     packed : ndarray, shape ((n + 1) // 2, 1), uint8
     state : QuantState
-        ``code`` is the file's ``quant_map``; when nested, the nested map and offset are the
+        ``codebook`` is the file's ``quant_map``; when nested, the nested map and offset are the
         file's (they are the authority when reading).
 
     Raises
@@ -300,7 +300,7 @@ def from_bnb_state_dict(d: Mapping, *, copy: bool = True) -> tuple[np.ndarray, Q
         raise ValueError(f"'weight.quant_map' is not bitsandbytes' {quant_type} codebook")
 
     common = dict(shape=shape, dtype=meta["dtype"], blocksize=blocksize, quant_type=quant_type,
-                  code=own(table))
+                  codebook=own(table))
     if not nested:
         absmax = _array(d, "weight.absmax", np.float32, (n_blocks,))
         if not (np.all(np.isfinite(absmax)) and np.all(absmax >= 0)):
@@ -316,7 +316,7 @@ def from_bnb_state_dict(d: Mapping, *, copy: bool = True) -> tuple[np.ndarray, Q
         raise ValueError("'weight.nested_quant_map' holds NaN or Inf values")
     codes = _array(d, "weight.absmax", np.uint8, (n_blocks,))
     state = QuantState(**common, nested=NestedAbsmax(
-        scheme="bnb", codes=own(codes), absmax=own(nested_absmax), code=own(nested_map),
+        scheme="bnb", codes=own(codes), absmax=own(nested_absmax), codebook=own(nested_map),
         offset=np.float32(meta["nested_offset"]), blocksize=nbs,
     ))
     return packed, state

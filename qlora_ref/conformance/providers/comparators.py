@@ -181,10 +181,10 @@ class TorchaoProvider:
                              f"elements; got shape {tuple(t.shape)}")
         q = nf4.to_nf4(t, blocksize, 256)
         nested = NestedAbsmax(scheme="torchao", codes=to_numpy(q.quantized_scalers),
-                           absmax=to_numpy(q.quantization_factor), code=None,
+                           absmax=to_numpy(q.quantization_factor), codebook=None,
                            offset=to_numpy(q.scaler_mean)[()], blocksize=q.scaler_block_size)
         state = QuantState(shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."), blocksize=q.block_size,
-                         quant_type="nf4", code=to_numpy(q.nf4), nested=nested)
+                         quant_type="nf4", codebook=to_numpy(q.nf4), nested=nested)
         return to_numpy(q.quantized_data).reshape(-1, 1), state
 
     def dequantize(self, packed, state, *, dtype=None):
@@ -203,7 +203,7 @@ class TorchaoProvider:
                           to_torch(np.asarray(n.absmax), self.device),
                           to_torch(np.asarray(n.offset), self.device).reshape(()),
                           to_torch(packed.reshape(-1), self.device),
-                          to_torch(np.asarray(state.code), self.device))
+                          to_torch(np.asarray(state.codebook), self.device))
         y = q.get_original_weight()
         if dtype is not None:
             y = y.to(torch_dtype(dtype))
