@@ -21,6 +21,10 @@ adapter_dtype=torch.float32, dtype=torch.float32, backend="auto", device=None)``
 ``layer(x)``: ``y = x W^T + bias + s B(A(dropout(x)))`` with ``s = alpha / r`` (or
     ``alpha / sqrt(r)`` with ``rslora``); ``layer.merged_weight(dtype=torch.float32)``:
     the dense ``W + s B A``; ``layer.quant_state`` and ``layer.weight`` (packed uint8).
+    A layer loaded from entries whose ``weight`` has another storage dtype over the same bytes
+    (bitsandbytes' ``quant_storage``, e.g. bfloat16) still holds uint8 codes, and its state dict
+    writes ``weight`` back in that dtype, so the saved entries are the loaded ones byte for byte
+    (under FSDP, where ``weight`` is a shard, it is written as uint8).
 State dict keys: ``weight``, ``bias``, ``weight.absmax``, ``weight.quant_map``,
     ``weight.nested_absmax``, ``weight.nested_quant_map``,
     ``weight.quant_state.bitsandbytes__nf4`` (bitsandbytes' order), ``lora_A.weight`` ``(r, in)``,
@@ -116,7 +120,7 @@ class QLoRALinear(nn.Module):
         self.scaling = lora_scaling(alpha, r, rslora=rslora)
         self.compute_dtype = torch_dtype(compute_dtype)
         self.backend = backend
-        if _quantized is not None:  # (packed, state, bias) from a checkpoint
+        if _quantized is not None:  # (packed, state, bias[, storage dtype]) from a checkpoint
             self._set_base(*_quantized)
         else:
             base = _base if _base is not None else nn.Linear(in_features, out_features, bias=bias, device=device,
@@ -132,8 +136,12 @@ class QLoRALinear(nn.Module):
 
     # -- the frozen base ---------------------------------------------------------------------
 
-    def _set_base(self, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None) -> None:
-        """Store the packed weight and its state (Note: what FSDP shards); they move with ``.to()``."""
+    def _set_base(self, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None,
+                  storage: torch.dtype = torch.uint8) -> None:
+        """Store the packed weight and its state (Note: what FSDP shards); they move with ``.to()``.
+
+        ``storage``: the dtype the state dict writes ``weight`` in (the loaded checkpoint's).
+        """
         if tuple(state.shape) != (self.out_features, self.in_features):
             raise ValueError(f"the 4-bit weight has shape {state.shape}, expected ({self.out_features}, {self.in_features})")
         for name in _STATE_TENSORS:  # a name moves between parameter and buffer with the layout
@@ -150,7 +158,7 @@ class QLoRALinear(nn.Module):
         self.register_buffer("nested_quant_map", None if nested is None else nested.codebook, persistent=False)
         self.register_buffer("nested_offset", None if nested is None else nested.offset, persistent=False)
         self._meta = dict(dtype=state.dtype, blocksize=state.blocksize, quant_type=state.quant_type,
-                          nested_blocksize=None if nested is None else nested.blocksize)
+                          nested_blocksize=None if nested is None else nested.blocksize, storage=storage)
         if "bias" in self.__dict__:  # a plain attribute would block register_parameter
             del self.__dict__["bias"]
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
@@ -250,7 +258,8 @@ class QLoRALinear(nn.Module):
         if ("lora_A.weight" in d) != ("lora_B.weight" in d):
             raise ValueError("the state dict holds only one of 'lora_A.weight' and 'lora_B.weight'")
         layer = cls(in_features, out_features, r, alpha,
-                    _quantized=(packed.clone(), _clone_state(state), None if bias is None else bias.detach().clone()),
+                    _quantized=(packed.clone(), _clone_state(state), None if bias is None else bias.detach().clone(),
+                                d["weight"].dtype),
                     **options)
         if "lora_A.weight" in d and "lora_B.weight" in d:
             with torch.no_grad():
@@ -263,6 +272,8 @@ class QLoRALinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         base = to_bnb_state_dict(self.weight, self.quant_state)
         base["weight"] = self.weight  # the parameter itself (a DTensor shard under FSDP): loaders write into it
+        if self._meta["storage"] != torch.uint8 and _is_plain(self.weight):
+            base["weight"] = _in_storage(self.weight, self._meta["storage"])  # a view: loaders still write into it
         keys = list(base)
         # bitsandbytes' order: weight, bias, then the quant-state entries.
         destination[prefix + "weight"] = base["weight"] if keep_vars else base["weight"].detach()
@@ -305,6 +316,7 @@ class QLoRALinear(nn.Module):
                 unexpected_keys.append(prefix + k)
         if self._has_layout(state, bias):
             self._copy_base(entries, state, bias)
+            self._meta["storage"] = entries["weight"].dtype
         elif not _is_plain(self.weight):
             error_msgs.append(f"while loading the 4-bit weight at {prefix!r}: a sharded layer keeps its layout "
                               f"({self.extra_repr()}); the checkpoint's is {state.quant_type}, "
@@ -314,7 +326,7 @@ class QLoRALinear(nn.Module):
             if state.nested is not None:
                 state = replace(state, nested=replace(state.nested, codes=codes))
             new_bias = None if bias is None else bias.detach().clone().to(device)
-            self._set_base(packed.to(device).clone(), _clone_state(state.to(device)), new_bias)
+            self._set_base(packed.to(device).clone(), _clone_state(state.to(device)), new_bias, entries["weight"].dtype)
 
     def _has_layout(self, state: QuantState, bias) -> bool:
         """Whether ``state`` (and ``bias``) fit the current tensors, so loading can copy into them."""
@@ -402,6 +414,11 @@ def _stand_in(t: torch.Tensor, device) -> torch.Tensor:
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """The packed codes as ``(nbytes, 1)`` uint8 (a ``quant_storage`` dtype only reinterprets them)."""
     return t.detach().contiguous().view(torch.uint8).reshape(-1, 1)
+
+
+def _in_storage(t: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """The ``(nbytes, 1)`` uint8 codes viewed as ``(nbytes // itemsize, 1)`` of ``storage`` (same memory)."""
+    return t.reshape(-1).view(storage).reshape(-1, 1)
 
 
 def _clone_state(state: QuantState) -> QuantState:

@@ -96,6 +96,40 @@ def test_qlora_linear_saves_a_bitsandbytes_layer_back_identically():
     assert list(ours)[-2:] == ["lora_A.weight", "lora_B.weight"]
 
 
+
+def test_qlora_linear_keeps_the_quant_storage_dtype_it_loaded():
+    # bitsandbytes' quant_storage (bfloat16 for FSDP1 with a bfloat16 model) stores the same
+    # bytes as (nbytes // 2, 1) bfloat16: the layer computes on uint8 and saves bfloat16 back.
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    l4 = bnb.nn.Linear4bit(96, 40, bias=True, compute_dtype=torch.bfloat16, compress_statistics=True,
+                           quant_type="nf4", quant_storage=torch.bfloat16)
+    l4.load_state_dict(linear.state_dict())
+    theirs = l4.to("cpu").state_dict()
+    assert theirs["weight"].dtype == torch.bfloat16 and tuple(theirs["weight"].shape) == (96 * 40 // 4, 1)
+    layer = QLoRALinear.from_bnb_state_dict(theirs, r=4)
+    assert layer.weight.dtype == torch.uint8  # the frozen parameter FSDP shards
+    base = {k: v for k, v in layer.state_dict().items() if not k.startswith("lora_")}
+    assert_same_entries(base, dict(theirs), "Linear4bit state dict with quant_storage=bfloat16")
+    # load_state_dict into a uint8 layer (same layout: copied in place) adopts the loaded storage,
+    # and a uint8 dict loaded next brings uint8 back.
+    other = QLoRALinear(96, 40, r=4)
+    uint8_entries = other.state_dict()
+    other.load_state_dict(dict(theirs, **{k: v for k, v in layer.state_dict().items() if k.startswith("lora_")}))
+    assert_same_entries({k: v for k, v in other.state_dict().items() if not k.startswith("lora_")}, dict(theirs),
+                        "loaded into a uint8 layer")
+    # The saved weight is a view of the layer's codes, so loaders that write into it still work.
+    assert other.state_dict()["weight"].untyped_storage().data_ptr() == other.weight.untyped_storage().data_ptr()
+    other.load_state_dict(uint8_entries)
+    assert other.state_dict()["weight"].dtype == torch.uint8
+    assert_same_entries(other.state_dict(), uint8_entries, "uint8 entries loaded back")
+    raw = theirs["weight"].reshape(-1).view(torch.uint8).reshape(-1, 1)
+    as_uint8 = QLoRALinear.from_bnb_state_dict(dict(theirs, weight=raw), r=4)
+    x = torch.randn(3, 96)
+    assert torch.equal(layer(x), as_uint8(x))  # lora_B is zero in both: the same base
+
+
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False), ("int4", True)])
 def test_state_dict_round_trips_through_safetensors(tmp_path, quant_type, double_quant):
     st_torch = pytest.importorskip("safetensors.torch")
