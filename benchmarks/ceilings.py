@@ -1,4 +1,4 @@
-"""Ceilings measured on the machine that runs the cases, in the same run: a copy and a matmul.
+"""Ceilings measured on the machine that runs the cases, in the same run: a copy, a read and a matmul.
 
 PERF.md: a percentage of a ceiling is only meaningful against the same machine at the same
 moment, so every results file carries its own ceilings and every rate in it is divided by them.
@@ -9,6 +9,11 @@ Note: the ceilings
       beyond any cache); bytes moved = read + written = ``2 * nbytes``. It is the ceiling of
       every memory-bound case (decode, the small-batch product): a kernel that reads R bytes and
       writes W bytes needs at least ``(R + W) / copy_bandwidth``.
+    - read: a read-only stream, ``sum`` over a large buffer viewed as int32 and as uint8 (the
+      faster of the two), bytes moved = ``nbytes`` (the sum's output is a few bytes). It is the
+      ceiling of the small-batch product, which reads its packed weight once and writes almost
+      nothing: a pure read can reach a higher rate than a copy's (read plus written bytes per
+      second), so judging the product against the copy bandwidth could flatter it.
     - matmul: ``a @ b`` of square matrices in the compute dtype (bf16 on CUDA, 8192; float32
       on CPU, 2048), ``2 n^3`` floating-point operations. It is the ceiling of the layer's
       forward and backward. On CPU a small bfloat16 matmul is measured as well, only to record
@@ -26,7 +31,8 @@ import torch
 
 from benchmarks.timing import Timing, time_cpu, time_cuda_interleaved
 
-__all__ = ["measure_copy", "measure_matmul", "measure_ceilings", "best_ceilings", "COPY_BYTES", "MATMUL_SIZE"]
+__all__ = ["measure_copy", "measure_read", "read_stream", "measure_matmul", "measure_ceilings", "best_ceilings",
+           "COPY_BYTES", "MATMUL_SIZE"]
 
 #: Bytes of the copied buffer, per device type.
 COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
@@ -65,6 +71,56 @@ def measure_copy(device, nbytes: int | None = None, *, repeat: int = 7) -> dict:
             "gbps": bytes_moved / timing.median_s / 1e9}
 
 
+def read_stream(buffer: torch.Tensor) -> dict:
+    """Callables that read ``buffer`` once and write a scalar: ``{"sum int32": ..., "sum uint8": ...}``.
+
+    The int32 view needs a byte count divisible by 4 (otherwise only the uint8 sum is offered).
+
+    Examples
+    --------
+    >>> sorted(read_stream(torch.ones(64, dtype=torch.uint8)))
+    ['sum int32', 'sum uint8']
+    >>> int(read_stream(torch.ones(64, dtype=torch.uint8))["sum uint8"]())
+    64
+    """
+    flat = buffer.reshape(-1).view(torch.uint8)
+    out = {}
+    if flat.numel() % 4 == 0:
+        as_int32 = flat.view(torch.int32)
+        out["sum int32"] = lambda: as_int32.sum()
+    out["sum uint8"] = lambda: flat.sum()
+    return out
+
+
+def measure_read(device, nbytes: int | None = None, *, repeat: int = 7) -> dict:
+    """Measure a read-only stream over ``nbytes`` (Note: the ceilings).
+
+    Returns
+    -------
+    dict
+        ``{"nbytes", "bytes_moved", "timing", "gbps", "how"}`` with ``gbps = nbytes / median``
+        of the faster of the two sums (``how`` names it).
+
+    Examples
+    --------
+    >>> r = measure_read("cpu", 2**20, repeat=2)
+    >>> r["bytes_moved"] == 2**20 and r["gbps"] > 0 and r["how"] in ("sum int32", "sum uint8")
+    True
+    """
+    device = torch.device(device)
+    nbytes = int(nbytes or COPY_BYTES[device.type])
+    buffer = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    fns = read_stream(buffer)
+    if device.type == "cuda":
+        timed = time_cuda_interleaved(fns, reps=repeat, warmup=2)
+    else:
+        timed = {name: time_cpu(fn, repeat=repeat, warmup=1) for name, fn in fns.items()}
+    how = min(timed, key=lambda k: timed[k].median_s)
+    timing = timed[how]
+    return {"nbytes": nbytes, "bytes_moved": nbytes, "timing": timing.as_dict(), "gbps": nbytes / timing.median_s / 1e9,
+            "how": how}
+
+
 def measure_matmul(device, n: int | None = None, dtype=None, *, repeat: int = 5) -> dict:
     """Measure the rate of a square matmul ``(n, n) @ (n, n)`` in ``dtype``.
 
@@ -94,7 +150,7 @@ def measure_matmul(device, n: int | None = None, dtype=None, *, repeat: int = 5)
 def measure_ceilings(device) -> dict:
     """All ceilings of a device (Note: the ceilings): ``{"copy": ..., "matmul": ..., ...}``."""
     device = torch.device(device)
-    ceilings = {"copy": measure_copy(device), "matmul": measure_matmul(device)}
+    ceilings = {"copy": measure_copy(device), "read": measure_read(device), "matmul": measure_matmul(device)}
     if device.type == "cpu":
         ceilings["matmul_bfloat16"] = measure_matmul(device, 256, torch.bfloat16, repeat=3)
     return ceilings

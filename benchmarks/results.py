@@ -12,8 +12,10 @@ Note: results format
     in ``torch.compile``, or a ``dense*`` baseline), ``shape``, ``dims``, the case's parameters
     (``dtype``, ``rows`` or ``tokens``), ``time_s`` (median, 20% and 80% quantiles, min, n),
     ``bytes_moved`` and ``flops`` (``benchmarks/cases.py``, Note: bytes and FLOPs of a case),
-    ``gbps``, ``tflops``, ``pct_copy`` / ``pct_matmul`` (percent of the ceilings of the same
-    run), ``check`` (what the comparison with the oracle found), and the ratios
+    ``gbps``, ``tflops``, ``pct_copy`` / ``pct_read`` (the product) / ``pct_matmul`` (percent of
+    the ceilings of the same run), ``host_s`` (CUDA: the host's wall time per call, beside the
+    device time ``time_s``, which also says ``method``, ``benchmarks/timing.py``), ``check``
+    (what the comparison with the oracle found), and the ratios
     ``speedup_vs_bnb`` (bitsandbytes' median time / this one, same case, same run) and, for the
     layer, ``time_vs_lora`` (this median / the dense-base LoRA layer's).
 """
@@ -121,6 +123,8 @@ def make_record(case, timing, check: str) -> dict:
     record = {"op": case.op, "provider": case.label, "shape": case.shape_key, "dims": list(SHAPES[case.shape_key]),
               **case.params, "time_s": timing.as_dict(), "bytes_moved": case.bytes_moved, "flops": case.flops,
               "check": check}
+    if getattr(timing, "host_median_s", None) is not None:
+        record["host_s"] = timing.host_median_s
     if "compute_dtype" in case.extra:
         record["compute_dtype"] = case.extra["compute_dtype"]
     if case.bytes_moved:
@@ -131,10 +135,20 @@ def make_record(case, timing, check: str) -> dict:
 
 
 def add_percentages(records: list, ceilings: dict) -> list:
-    """Add ``pct_copy`` (memory-bound cases) and ``pct_matmul`` (the layer) of the run's ceilings."""
+    """Add ``pct_copy`` (memory-bound cases), ``pct_read`` (the product, against the read-only
+    stream when the run measured one) and ``pct_matmul`` (the layer) of the run's ceilings.
+
+    Examples
+    --------
+    >>> rs = add_percentages([{"op": "matmul", "gbps": 3.0}], {"copy": {"gbps": 4.0}, "read": {"gbps": 6.0}})
+    >>> rs[0]["pct_copy"], rs[0]["pct_read"]
+    (75.0, 50.0)
+    """
     for r in records:
         if "gbps" in r:
             r["pct_copy"] = 100.0 * r["gbps"] / ceilings["copy"]["gbps"]
+            if r["op"] == "matmul" and "read" in ceilings:  # the product reads: judged against a read stream
+                r["pct_read"] = 100.0 * r["gbps"] / ceilings["read"]["gbps"]
         if r["op"] == "layer" and "tflops" in r:
             r["pct_matmul"] = 100.0 * r["tflops"] / ceilings["matmul"]["tflops"]
     return records

@@ -15,16 +15,39 @@ Note: how a time is taken
     "flush"), so no provider finds its inputs in L2; CUDA events bracket the call alone, and the
     times are read after one synchronization at the end. Warm-up calls (compilation, autotuning,
     allocator growth) are not timed.
+
+    Device time without the host's launch gaps: events measure from the moment the GPU reaches
+    the start event, so if the GPU is idle while the host is still enqueueing the call, the
+    host's launch time is counted as device time (a kernel of a few microseconds can read as
+    twice as slow). Two remedies, both applied where they can be:
+
+    - the call is captured once in a CUDA graph (``torch.cuda.CUDAGraph``) after the warm-up,
+      and the graph is replayed in the timed region: one launch for all of the call's kernels,
+      no host gaps between them (``method: "graph"``). A call that cannot be captured (a host
+      synchronization, a CPU-side branch on device values, an allocation the capture refuses) is
+      called directly (``method: "sleep"``);
+    - before the start event the GPU is given a head start, ``torch.cuda._sleep(cycles)``, a
+      spin of about twice the call's measured host enqueue time (at least 50 microseconds), so
+      that the start event, the call and the end event are all enqueued before the GPU reaches
+      them.
+
+    Host time is reported separately (``host_median_s``): the wall time per call measured on the
+    host, ``fn(); torch.cuda.synchronize()``, after the device timings. It is what a caller
+    waits, launches and Python included; the device time is what the kernels take.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-__all__ = ["Timing", "summarize", "time_cpu", "L2Flush", "time_cuda_interleaved"]
+__all__ = ["Timing", "summarize", "time_cpu", "L2Flush", "time_cuda_interleaved", "sleep_cycles",
+           "HEAD_START_MIN_S"]
+
+#: The shortest head start given to the GPU before a timed call (Note: how a time is taken).
+HEAD_START_MIN_S = 50e-6
 
 
 @dataclass(frozen=True)
@@ -38,6 +61,12 @@ class Timing:
     min_s : float
     n : int
         Number of samples.
+    host_median_s : float or None
+        CUDA only: the median wall time per call on the host (``fn(); synchronize()``), launches
+        included (Note: how a time is taken); None on CPU, where the time is a wall time already.
+    method : str or None
+        CUDA only: ``"graph"`` (the call replayed from a CUDA graph) or ``"sleep"`` (called
+        directly after a head start); None on CPU.
     """
 
     median_s: float
@@ -45,6 +74,8 @@ class Timing:
     q80_s: float
     min_s: float
     n: int
+    host_median_s: float | None = field(default=None, repr=False)
+    method: str | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,8 +144,83 @@ class L2Flush:
         self.buffer.zero_()
 
 
+def sleep_cycles(host_s: float, cycles_per_s: float, *, factor: float = 2.0,
+                 minimum_s: float = HEAD_START_MIN_S) -> int:
+    """Cycles of ``torch.cuda._sleep`` that cover ``factor`` times a host enqueue time ``host_s``.
+
+    Examples
+    --------
+    >>> sleep_cycles(1e-4, 1.5e9)
+    300000
+    >>> sleep_cycles(1e-6, 1.5e9)  # never less than HEAD_START_MIN_S
+    75000
+    """
+    return int(max(factor * host_s, minimum_s) * cycles_per_s)
+
+
+def _sleep_rate() -> float:
+    """Cycles per second of ``torch.cuda._sleep`` on the current device (timed with events)."""
+    import torch
+
+    cycles = 2_000_000
+    torch.cuda._sleep(cycles // 10)  # warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    return cycles / (start.elapsed_time(end) / 1e3)
+
+
+def _capture(fn):
+    """A CUDA graph of ``fn()`` (after its warm-up), or None when it cannot be captured."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - not capturable: timed by a direct call instead
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001, S110 - the capture failed already; nothing more to report
+            pass
+        return None
+    return graph
+
+
+def _host_enqueue_s(fn, calls: int = 3) -> float:
+    """Median wall time of enqueueing ``fn()`` (no synchronization inside), on the host."""
+    import torch
+
+    samples = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return float(np.median(samples))
+
+
+def _host_wall_s(fn, calls: int) -> float:
+    """Median wall time per call, ``fn(); synchronize()``, measured on the host."""
+    import torch
+
+    samples = []
+    torch.cuda.synchronize()
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples))
+
+
 def time_cuda_interleaved(fns: dict, *, reps: int = 30, warmup: int = 3, flush: L2Flush | None = None,
-                          progress=None) -> dict:
+                          progress=None, graphs: bool = True, host_calls: int = 5) -> dict:
     """Time several CUDA callables in one interleaved loop with CUDA events.
 
     Parameters
@@ -124,21 +230,26 @@ def time_cuda_interleaved(fns: dict, *, reps: int = 30, warmup: int = 3, flush: 
     reps : int
         Timed calls per provider.
     warmup : int
-        Untimed calls per provider first.
+        Untimed calls per provider first (compilation and autotuning stay outside the timings).
     flush : L2Flush, optional
         Called (untimed) before every timed call.
     progress : callable, optional
         Called with a short text line after the loop.
+    graphs : bool
+        Capture each call in a CUDA graph where it can be captured (Note: how a time is taken).
+    host_calls : int
+        Calls timed on the host afterwards for ``host_median_s``.
 
     Returns
     -------
     dict of str -> Timing
+        Device times, with ``host_median_s`` and ``method`` set.
 
     Notes
     -----
     Round ``i`` runs the providers in the order ``names[i % k:] + names[:i % k]``; each timed
-    call is bracketed by two events and nothing else, and all events are read after one
-    synchronization at the end (Note: how a time is taken).
+    call is preceded by the flush and a head start (``torch.cuda._sleep``) and bracketed by two
+    events, and all events are read after one synchronization at the end.
     """
     import torch
 
@@ -147,6 +258,10 @@ def time_cuda_interleaved(fns: dict, *, reps: int = 30, warmup: int = 3, flush: 
         for _ in range(warmup):
             fns[name]()
     torch.cuda.synchronize()
+    rate = _sleep_rate()
+    graph = {name: _capture(fns[name]) if graphs else None for name in names}
+    call = {name: (graph[name].replay if graph[name] is not None else fns[name]) for name in names}
+    head = {name: sleep_cycles(_host_enqueue_s(call[name]), rate) for name in names}
     events = {name: [] for name in names}
     k = len(names)
     for i in range(reps):
@@ -155,12 +270,19 @@ def time_cuda_interleaved(fns: dict, *, reps: int = 30, warmup: int = 3, flush: 
             if flush is not None:
                 flush()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(head[name])
             start.record()
-            fns[name]()
+            call[name]()
             end.record()
             events[name].append((start, end))
     torch.cuda.synchronize()
-    result = {name: summarize([s.elapsed_time(e) / 1e3 for s, e in pairs]) for name, pairs in events.items()}
+    result = {}
+    for name, pairs in events.items():
+        device = summarize([s.elapsed_time(e) / 1e3 for s, e in pairs])
+        result[name] = replace(device, host_median_s=_host_wall_s(fns[name], host_calls),
+                               method="graph" if graph[name] is not None else "sleep")
+    del graph, call
     if progress is not None:
-        progress("  " + ", ".join(f"{n} {t.median_s * 1e3:.3f} ms" for n, t in result.items()))
+        progress("  " + ", ".join(f"{n} {t.median_s * 1e3:.3f} ms (host {t.host_median_s * 1e3:.3f} ms, {t.method})"
+                                  for n, t in result.items()))
     return result
