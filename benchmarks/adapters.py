@@ -24,7 +24,7 @@ Note: where the decoded weight is rounded
     cases) all of these agree; with float32 compute (the CPU cases) they differ, and
     ``forward_weight_dtype`` / ``backward_weight_dtype`` say which rounding each one uses.
     Under ``torch.compile`` torchao's decode keeps its intermediates in float32 (inductor's
-    default), a different rounding again: ``benchmarks.checks.decode_float32_intermediates``.
+    default), a different rounding again: ``qlora_ref.conformance.variants.torchao_float32_intermediates``.
 """
 
 from __future__ import annotations

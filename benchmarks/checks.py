@@ -8,7 +8,7 @@ tolerance policy of ``tests/tolerances.py`` (loaded from there, so there is one 
   nested codes through a lookup table; an offset may differ by the rounding of a float32 sum);
 - decode: bit for bit against the oracle's ``dequantize_4bit`` of the provider's own state
   (so a decode is judged apart from its quantizer); torchao under ``torch.compile`` may differ
-  where a named alternative rule says (``decode_float32_intermediates``), and those elements
+  where a named alternative rule says (``torchao_float32_intermediates``), and those elements
   are counted;
 - product and layer: the derived tier: error against the oracle's float64 result at most twice
   the error of a plain torch computation in the same dtype, plus a few ulp.
@@ -35,10 +35,11 @@ import numpy as np
 from qlora_ref.api import dequantize_4bit
 from qlora_ref.blockwise import blockwise_absmax, encode_4bit, pack_4bit
 from qlora_ref.conformance.classify import classify_nested_codes, classify_offset
+from qlora_ref.conformance.variants import torchao_float32_intermediates
 from qlora_ref.double_quant import double_quantize
 from qlora_ref.state import NestedAbsmax, QuantState
 
-__all__ = ["CHECK_ELEMENTS", "checked_rows", "slice_state", "OracleReference", "decode_float32_intermediates",
+__all__ = ["CHECK_ELEMENTS", "checked_rows", "slice_state", "OracleReference",
            "check_derived", "tolerances"]
 
 #: Elements of ``W`` checked against the oracle at most, in whole rows (Note: checked rows).
@@ -208,7 +209,7 @@ class OracleReference:
         """Compare a provider's decoded weight with the oracle's decode of the provider's state.
 
         A compiled torchao provider is held to the rule ``float32 intermediates``
-        (``decode_float32_intermediates``): every element must equal the oracle's or that
+        (``torchao_float32_intermediates``): every element must equal the oracle's or that
         rule's value, and the elements where the two differ are counted.
         """
         T = tolerances()
@@ -223,7 +224,7 @@ class OracleReference:
         differ = ~_equal_bits(got, ref)
         if not differ.any():
             return where
-        other = decode_float32_intermediates(sub_packed, sub, dtype)
+        other = torchao_float32_intermediates(sub_packed, sub, dtype)
         T.assert_bit_equal(got[differ], other[differ], "decoded elements that differ from the oracle")
         return f"{where} except {int(differ.sum())} of {differ.size}: float32 intermediates (torch.compile)"
 
@@ -231,36 +232,12 @@ class OracleReference:
                rule: str = "oracle") -> np.ndarray:
         """The first ``rows`` rows of the decoded weight rounded to ``dtype``, as float64.
 
-        ``rule="float32 intermediates"`` decodes as ``decode_float32_intermediates`` does.
+        ``rule="float32 intermediates"`` decodes as ``torchao_float32_intermediates`` does.
         """
         sub_packed, sub = slice_state(packed, state, rows)
         if rule == "float32 intermediates":
-            return decode_float32_intermediates(sub_packed, sub, dtype).astype(np.float64)
+            return torchao_float32_intermediates(sub_packed, sub, dtype).astype(np.float64)
         return dequantize_4bit(sub_packed, sub, dtype=dtype).astype(np.float64)
-
-
-def decode_float32_intermediates(packed: np.ndarray, state: QuantState, dtype: str) -> np.ndarray:
-    """torchao's decode as ``torch.compile`` computes it: float32 throughout, one final rounding.
-
-    The format (``qlora_ref.torchao_nf4``, Note: torchao arithmetic) rounds every step to the
-    stored dtype D. Inductor, by default (``torch._inductor.config.emulate_precision_casts``
-    off), keeps the intermediates of a fused kernel in float32: ``scaler = q / factor + mean``
-    and ``table[code] * scaler`` in float32, then one rounding to D (and the conversion to the
-    requested dtype). Measured: with bfloat16 weights this changes about one decoded value in
-    five by one or two units of D; with ``emulate_precision_casts`` on, the compiled decode
-    equals the format bit for bit. This is a named alternative rule for checking, not a format.
-    """
-    from qlora_ref.blockwise import unpack_4bit
-    from qlora_ref.state import numpy_dtype
-
-    nested = state.nested
-    codes = unpack_4bit(np.asarray(packed).reshape(-1), state.numel).astype(np.int64)  # (n,)
-    q = nested.codes.astype(np.float32).reshape(-1, nested.blocksize)  # (n_nested, 256)
-    factor = np.asarray(nested.absmax).astype(np.float32)  # (n_nested,)
-    scaler = (q / factor[:, None]).reshape(-1) + np.asarray(nested.offset).astype(np.float32)  # (n_blocks,)
-    table = np.asarray(state.codebook).astype(np.float32)
-    y = (table[codes].reshape(-1, state.blocksize) * scaler[:, None]).reshape(state.shape)  # float32
-    return y.astype(numpy_dtype(state.dtype)).astype(numpy_dtype(dtype))
 
 
 def check_derived(actual, ref64, baseline, *, dtype, scale, what: str) -> float:

@@ -2,11 +2,13 @@
 
 Each asserts the defect where this machine's bitsandbytes takes the path that has it (asked by
 ``tests/bnb_cpu.py``, never assumed), and the oracle's result everywhere else. The repacking is
-pure torch and is reproduced on every machine; ``qlora-ref inspect`` warns about its traces.
+pure torch and is reproduced on every machine; ``qlora-ref inspect`` warns about its traces. The
+compiled torchao decode is asserted on the kernels inductor builds on this machine.
 """
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,12 +95,29 @@ def test_inspect_refuses_or_warns_about_a_repacked_layers_file(findings, tmp_pat
     assert "warning" not in capsys.readouterr().out
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's inductor backend on CPU needs a C++ compiler")
+def test_compiled_torchao_decode_keeps_float32_intermediates(findings):
+    pytest.importorskip("torchao")
+    seen = findings.compiled_torchao_decode()
+    # Eager torchao is the oracle (its codes and its decode); the rule differs from both.
+    assert seen["same codes"] and seen["eager differs in"] == 0, seen
+    assert 0 < seen["rule differs in"] < seen["of"] // 2, seen
+    # Compiled, on whichever kernel inductor builds here (asked, not assumed: the CPU's own
+    # vector width and 256-bit vectors), the decode is the rule's, never the oracle's.
+    for label in ("default", "256-bit"):
+        compiled = seen["compiled"][label]
+        assert compiled["equals the rule"] and compiled["differs in"] == seen["rule differs in"], (label, seen)
+    # Emulating the casts gives the oracle's decode back.
+    assert seen["compiled"]["emulate_precision_casts"]["differs in"] == 0, seen
+
+
 def test_the_findings_page_includes_every_reproduction(findings):
     # The page includes the functions' source (snippets in ``py`` fences: run here, not by
     # tests/test_docs.py, which runs ``python`` fences standing alone).
     page = (ROOT / "docs" / "findings.md").read_text()
     script = (ROOT / "docs" / "scripts" / "oracle_findings.py").read_text()
-    sections = ("row_crossing", "flush", "negative_zero", "shape", "repacking")
+    sections = ("row_crossing", "flush", "negative_zero", "shape", "repacking", "compiled_torchao")
     for section in sections:
         assert f'scripts/oracle_findings.py:{section}' in page and f"[start:{section}]" in script
     assert len(findings.FINDINGS) == len(sections)

@@ -1,4 +1,4 @@
-"""Minimal reproductions of what the oracle found in bitsandbytes (docs/findings.md).
+"""Minimal reproductions of what the oracle found in bitsandbytes and torchao (docs/findings.md).
 
 Each function runs one reproduction on this machine and returns what it saw; ``tests/test_findings.py``
 runs them all and asserts the defect where this machine's bitsandbytes takes the path that has it,
@@ -105,12 +105,52 @@ def linear4bit_repacking():
 # --8<-- [end:repacking]
 
 
+# --8<-- [start:compiled_torchao]
+def compiled_torchao_decode():
+    """torchao's NF4Tensor of a (64, 256) bfloat16 weight decoded eagerly and under torch.compile (CPU)."""
+    import torch
+    from torch._inductor import config as inductor
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    from qlora_ref import dequantize_4bit
+    from qlora_ref.conformance.providers.torch_arrays import to_numpy
+    from qlora_ref.conformance.variants import same_bits, torchao_float32_intermediates
+    from qlora_ref.torchao_nf4 import quantize_torchao
+
+    torch.manual_seed(0)
+    W = torch.randn(64, 256, dtype=torch.bfloat16)  # the smallest NF4Tensor: 64 * 256 elements
+    nf4 = to_nf4(W, 64, 256)
+    packed, state = quantize_torchao(to_numpy(W), mean=to_numpy(nf4.scaler_mean)[()])  # the oracle's encoding
+    ours = dequantize_4bit(packed, state, dtype="bfloat16")
+    rule = torchao_float32_intermediates(packed, state, "bfloat16")  # float32 throughout, one rounding
+
+    eager = to_numpy(nf4.get_original_weight())
+    seen = {"same codes": bool(np.array_equal(to_numpy(nf4.quantized_data).reshape(-1), packed.reshape(-1))),
+            "eager differs in": int(np.sum(~same_bits(eager, ours))), "of": W.numel(),
+            "rule differs in": int(np.sum(~same_bits(rule, ours))), "compiled": {}}
+    # Inductor's default kernel for this CPU, its 256-bit (AVX2) kernel, and the default with
+    # precision casts emulated. Caches off: a cached kernel must not stand in for the one asked for.
+    for label, options in [("default", {}), ("256-bit", {"cpp.simdlen": 256}),
+                           ("emulate_precision_casts", {"emulate_precision_casts": True})]:
+        torch.compiler.reset()
+        with inductor.patch(force_disable_caches=True, **options):
+            isa = str(pick_vec_isa()) or "scalar"
+            y = to_numpy(torch.compile(lambda t: t.get_original_weight())(nf4))
+        seen["compiled"][label] = {"kernel": isa, "differs in": int(np.sum(~same_bits(y, ours))),
+                                   "equals the rule": bool(same_bits(y, rule).all())}
+    torch.compiler.reset()
+    return seen
+# --8<-- [end:compiled_torchao]
+
+
 FINDINGS = {
     "row-crossing absmax": row_crossing_absmax,
     "bf16 flush to zero": bf16_flush_to_zero,
     "fp4 negative zero": scalar_fp4_negative_zero,
     "1-D shape": one_dimensional_shape,
     "Linear4bit repacking": linear4bit_repacking,
+    "compiled torchao decode": compiled_torchao_decode,
 }
 
 if __name__ == "__main__":

@@ -38,13 +38,26 @@ Note: bitsandbytes CPU decode paths
     Measured on an AVX-512 + AVX512-BF16 CPU with bitsandbytes 0.50.2 on constructed inputs
     (with and without ``ATEN_CPU_CAPABILITY=avx2``); the scalar model is what the same version
     does on AVX2 CPUs (the behaviour this project's tests met there before these models).
+
+Note: compiled torchao decode
+    torchao's ``NF4Tensor.get_original_weight`` run eagerly rounds every step to the stored
+    dtype D (``qlora_ref.torchao_nf4``, Note: torchao arithmetic): the oracle's rule exactly.
+    Under ``torch.compile`` (inductor's C++ backend on CPU, by default, i.e.
+    ``torch._inductor.config.emulate_precision_casts`` off) the whole decode is one fused kernel
+    that keeps the intermediates in float32 and rounds once at the end:
+    ``torchao_float32_intermediates``. For D = float32 the two agree; for bfloat16 and float16
+    they differ in about a quarter of the values (on a (64, 256) normal weight: 3,972 and 4,229
+    of 16,384, each by one unit of D). Measured with torch 2.13 and torchao 0.18 on CPU, with
+    inductor's AVX-512, AVX2 and scalar kernels alike (the rule is per element, so the vector
+    width cannot change it); with ``emulate_precision_casts`` on, the compiled decode equals the
+    oracle. docs/findings.md has the reproduction.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from qlora_ref.blockwise import blockwise_absmax, decode_4bit, encode_4bit, pack_4bit, sorted_midpoints
+from qlora_ref.blockwise import blockwise_absmax, decode_4bit, encode_4bit, pack_4bit, sorted_midpoints, unpack_4bit
 from qlora_ref.codebooks import codebook, normal_float_codebook
 from qlora_ref.double_quant import DYNAMIC_MAP
 from qlora_ref.state import QuantState, numpy_dtype
@@ -70,6 +83,7 @@ __all__ = [
     "diagnose_absmax",
     "diagnose_decoded",
     "lookup_table_nested_codes",
+    "torchao_float32_intermediates",
 ]
 
 #: The model that is the oracle itself.
@@ -589,3 +603,45 @@ def lookup_table_nested_codes(values, blocksize: int = 256, codebook=None) -> np
         cell = np.round(((s + np.float32(1)) * np.float32(_LUT_STEPS / 2.0)).astype(np.float64))
     cell = np.clip(np.where(np.isfinite(cell), cell, 0), 0, _LUT_STEPS).astype(np.int64)
     return lut[cell].astype(np.uint8)
+
+
+def torchao_float32_intermediates(packed, state: QuantState, dtype) -> np.ndarray:
+    """torchao's NF4 decode as ``torch.compile`` computes it: float32 throughout, one final rounding.
+
+    The rule of Note: compiled torchao decode. The format (``qlora_ref.torchao_nf4``) rounds
+    ``scaler = D(D(q / factor) + mean)`` and ``y = D(table[code] * scaler)`` step by step in the
+    stored dtype D; this computes ``q / factor + mean`` and ``table[code] * scaler`` in float32,
+    then rounds once to D and converts to ``dtype``. A named alternative rule for checking, not a
+    format.
+
+    Parameters
+    ----------
+    packed : ndarray, uint8, two codes per byte
+    state : QuantState
+        Of the ``"torchao"`` scheme (``quantize_torchao``).
+    dtype : {"float32", "float16", "bfloat16"} or a NumPy dtype
+
+    Returns
+    -------
+    ndarray, ``state.shape``, ``dtype``
+
+    Examples
+    --------
+    >>> from qlora_ref.api import dequantize_4bit
+    >>> from qlora_ref.torchao_nf4 import quantize_torchao
+    >>> x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float16)
+    >>> packed, state = quantize_torchao(x)
+    >>> other = torchao_float32_intermediates(packed, state, "float16")
+    >>> 0 < int(np.sum(other != dequantize_4bit(packed, state, dtype="float16"))) < x.size // 2
+    True
+    """
+    nested = state.nested
+    if nested is None or nested.scheme != "torchao":
+        raise ValueError("the compiled torchao rule decodes states of the 'torchao' scheme only")
+    codes = unpack_4bit(np.asarray(packed).reshape(-1), state.numel).astype(np.int64)  # (n,)
+    q = np.asarray(nested.codes).astype(np.float32).reshape(-1, nested.blocksize)  # (n_nested, scaler blocksize)
+    factor = np.asarray(nested.absmax).astype(np.float32)  # (n_nested,)
+    scaler = (q / factor[:, None]).reshape(-1) + np.asarray(nested.offset).astype(np.float32)  # (n_blocks,)
+    table = np.asarray(state.codebook).astype(np.float32)
+    y = (table[codes].reshape(-1, state.blocksize) * scaler[:, None]).reshape(state.shape)  # float32
+    return y.astype(numpy_dtype(state.dtype)).astype(numpy_dtype(dtype))
