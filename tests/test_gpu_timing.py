@@ -33,7 +33,8 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messa
 
 def test_cuda_check_arguments():
     args = cuda_check.build_parser().parse_args(["--out", "o"])
-    assert (args.quick, args.reps, args.no_graphs, args.shape, args.rows) == (False, 0, False, [4096, 14336], [1, 4, 16])
+    assert (args.quick, args.reps, args.no_graphs, args.shape, args.rows) == (False, 0, False, [4096, 14336],
+                                                                             [1, 4, 16, 2048])
     args = cuda_check.build_parser().parse_args(["--out", "o", "--quick", "--reps", "5", "--no-graphs",
                                                  "--shape", "128", "256", "--rows", "1"])
     assert (args.quick, args.reps, args.no_graphs, args.shape, args.rows) == (True, 5, True, [128, 256], [1])
@@ -92,6 +93,9 @@ def _fabricated(default_pct=70.0, best_pct=95.0, speedup=1.2, m1_pct=85.0, m16_p
                   "bnb gemv_4bit": _t(gemv), "best_triton": "triton fused (32, 512, 2, False)"},
             "16": {"triton fused (default)": _t(2.0, pct_of_ceiling=m16_pct),
                    "triton fused (16, 64, 128, True)": _t(1.0, pct_of_ceiling=90.0)},
+            "2048": {"triton fused (default)": _t(4.0, pct_of_ceiling=900.0),  # a GEMM: the read ceiling is moot
+                     "triton fused (64, 128, 1, True)": _t(2.5),
+                     "torch bf16 linear (dense W)": _t(2.0)},
         },
     }
 
@@ -109,6 +113,9 @@ def test_targets_are_judged_on_the_default_configuration_not_the_sweep():
     assert v[("matmul_pct_of_read_ceiling", "M=16 triton fused (default)")]["met"] is False  # 50, sweep 90
     speed = v[("matmul_M1_speedup_vs_gemv_4bit", "M=1 triton fused (default)")]
     assert speed["met"] is True and speed["measured"] == pytest.approx(1.5)
+    gemm = v[("gemm_fraction_of_dense", "M=2048 triton fused (default)")]
+    assert gemm["met"] is False and gemm["measured"] == pytest.approx(0.5)  # 2.0 / 4.0; the sweep's 0.8 is not judged
+    assert ("matmul_pct_of_read_ceiling", "M=2048 triton fused (default)") not in v
     assert {x["required"] for x in v.values()} <= set(cuda_check.TARGETS.values())
 
 
