@@ -22,13 +22,51 @@ Note: the model's constants
     - What it leaves out: latency, occupancy, L1 hit rates of the 16-entry table gathers,
       instruction mix (one pipe can saturate before issue does), set-up outside the main loop.
       It is an upper bound on the fraction reachable, useful to rank kernels and to say whether
-      one is bound by issue or by memory; only a GPU run measures the fraction. It does not
-      describe tensor-core throughput: the product past 16 rows (a GEMM) is left unmodelled.
+      one is bound by issue or by memory; only a GPU run measures the fraction. The product past
+      16 rows (a GEMM) is bound by tensor cores, which this fraction does not describe: it has
+      its own model (Note: the tensor-core model).
+
+Note: the tensor-core model
+    The fused 4-bit GEMM ``y = x W^T`` (``M`` rows, weight ``N x K``) and the layer's input
+    gradient ``G W`` decode each weight tile in registers for every tile of ``BLOCK_M`` rows,
+    then feed it to ``tl.dot``. Per multiprocessor and clock (the clock cancels again) it needs
+    at least
+
+    - tensor clocks ``2 M N K / (tensor_flops_per_clock * SMs)``: the multiply-adds at the
+      dense bf16 tensor-core rate;
+    - issue clocks ``per_item * N K * ceil(M / BLOCK_M) / (128 * SMs)``: ``per_item`` is the
+      compiled main loop's thread-instructions per weight of one tile (the report's count for
+      that case on sm_90: the decode, the loads, the shared-memory stores and the ``tl.dot``
+      instructions themselves), spent once per row tile;
+    - memory clocks ``bytes / (bytes_per_clock * SMs)``: the packed weight, ``x`` and ``y``
+      once (``bytes_per_item``; row tiles re-reading the weight are assumed to hit L2).
+
+    Two predictions bracket it: **overlapped** (the larger of the three: the decode hides
+    behind the tensor cores perfectly) and **serial** (tensor plus issue: no overlap at all).
+    The dense bf16 GEMM it is compared with is modelled the same way with no decode: the larger
+    of its tensor clocks and its memory clocks (``2 N K + 2 M K + 2 M N`` bytes), i.e. a dense
+    GEMM at the peak rate, which cuBLAS approaches but does not reach: the fraction is the
+    fused kernel's against an ideal dense GEMM.
+
+    ``tensor_flops_per_clock = 4096`` dense bf16 floating-point operations per clock per
+    multiprocessor on sm_90 (H100 and H200, the same GH100 multiprocessor): the NVIDIA H100
+    Tensor Core GPU Architecture whitepaper gives 989.4 dense BF16 TFLOP/s for the H100 SXM5
+    with 132 multiprocessors at 1830 MHz, ``989.4e12 / (132 * 1.83e9) = 4096``, twice the A100's
+    per multiprocessor (A100 whitepaper: 312 TFLOP/s, 108 multiprocessors, 1410 MHz); the H200
+    datasheet gives the same 989 TFLOP/s (1,979 with sparsity).
+
+    The layer (``layer_prediction``): a QLoRA layer's forward and backward at ``T`` tokens is
+    ``x W^T`` (fused GEMM) + ``G W`` (fused transposed GEMM) + the adapter's six products
+    (``6 T r (K + N)`` operations, at the tensor rate, the same in both layers); the bf16-base
+    LoRA layer replaces the two fused GEMMs with dense ones. The alternative the issue names,
+    decoding the whole weight to bf16 twice per step and running dense GEMMs, is modelled too:
+    two decodes (the decode kernel's own prediction) plus the dense layer.
 """
 
 from __future__ import annotations
 
-__all__ = ["GPUS", "ISSUE_PER_CLOCK", "bytes_per_item", "predict", "BUDGETS", "budget"]
+__all__ = ["GPUS", "ISSUE_PER_CLOCK", "bytes_per_item", "predict", "BUDGETS", "budget", "TENSOR_FLOPS_PER_CLOCK",
+           "gemm_clocks", "dense_gemm_clocks", "decode_clocks", "gemm_prediction", "layer_prediction"]
 
 #: Thread-instructions one multiprocessor issues per clock (Note: the model's constants).
 ISSUE_PER_CLOCK = 128
@@ -37,6 +75,8 @@ GPUS = {
     "H100": dict(bandwidth=3.35e12, sms=132, clock_hz=1.98e9),
     "H200": dict(bandwidth=4.8e12, sms=132, clock_hz=1.98e9),
 }
+#: Dense bf16 tensor-core operations per clock per multiprocessor, sm_90 (Note: the tensor-core model).
+TENSOR_FLOPS_PER_CLOCK = 4096
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 #: Main-loop SASS instructions per element (weight for the product) on sm_90 that each kernel
@@ -110,3 +150,104 @@ def predict(row: dict) -> dict:
         out[gpu] = dict(fraction=min(1.0, memory_clocks / issue_clocks),
                         bound="memory" if memory_clocks >= issue_clocks else "issue")
     return out
+
+
+def _per_sm_clock(gpu: str) -> tuple:
+    c = GPUS[gpu]
+    return c["bandwidth"] / (c["sms"] * c["clock_hz"]), c["sms"]
+
+
+def dense_gemm_clocks(M: int, N: int, K: int, gpu: str, itemsize: int = 2) -> dict:
+    """Clocks of an ideal dense GEMM ``(M, K) @ (K, N)`` in a 2-byte dtype (Note: the tensor-core model).
+
+    Examples
+    --------
+    >>> c = dense_gemm_clocks(2048, 4096, 14336, "H200")
+    >>> c["bound"], round(c["clocks"])
+    ('tensor', 444850)
+    """
+    bytes_per_clock, sms = _per_sm_clock(gpu)
+    tensor = 2 * M * N * K / (TENSOR_FLOPS_PER_CLOCK * sms)
+    memory = itemsize * (N * K + M * K + M * N) / (bytes_per_clock * sms)
+    return dict(tensor=tensor, memory=memory, clocks=max(tensor, memory), bound="tensor" if tensor >= memory else "memory")
+
+
+def gemm_clocks(row: dict, gpu: str) -> dict:
+    """Clocks of a fused 4-bit GEMM report row (``matmul`` past 16 rows, or ``matmul_t``).
+
+    Returns tensor, issue and memory clocks, ``overlapped`` (their maximum) and ``serial``
+    (tensor + issue, or memory if larger), and the bound of the overlapped prediction.
+
+    Examples
+    --------
+    >>> row = {"kind": "matmul", "rows": 2048, "shape": [4096, 14336], "per_item": 13.5,
+    ...        "constexprs": {"BLOCK_M": 64}}
+    >>> c = gemm_clocks(row, "H200")
+    >>> c["bound"], round(c["issue"] / c["tensor"], 2)
+    ('issue', 3.38)
+    """
+    bytes_per_clock, sms = _per_sm_clock(gpu)
+    N, K = row["shape"]
+    M = row["rows"]
+    tiles_m = -(-M // row["constexprs"]["BLOCK_M"])
+    tensor = 2 * M * N * K / (TENSOR_FLOPS_PER_CLOCK * sms)
+    issue = row["per_item"] * N * K * tiles_m / (ISSUE_PER_CLOCK * sms)
+    memory = bytes_per_item(row) * N * K / (bytes_per_clock * sms)
+    parts = {"tensor": tensor, "issue": issue, "memory": memory}
+    return dict(parts, tiles_m=tiles_m, overlapped=max(parts.values()), serial=max(tensor + issue, memory),
+                bound=max(parts, key=parts.get))
+
+
+def decode_clocks(row: dict, gpu: str) -> float:
+    """Clocks of one full decode of a ``decode`` report row's weight: the larger of memory and issue."""
+    bytes_per_clock, sms = _per_sm_clock(gpu)
+    N, K = row["shape"]
+    memory = bytes_per_item(row) * N * K / (bytes_per_clock * sms)
+    issue = row["per_item"] * N * K / (ISSUE_PER_CLOCK * sms)
+    return max(memory, issue)
+
+
+def gemm_prediction(row: dict, gpu: str) -> dict:
+    """Predicted fraction of an ideal dense bf16 GEMM's throughput for a fused GEMM report row.
+
+    Examples
+    --------
+    >>> row = {"kind": "matmul", "rows": 2048, "shape": [4096, 14336], "per_item": 13.5,
+    ...        "constexprs": {"BLOCK_M": 64}}
+    >>> p = gemm_prediction(row, "H200")
+    >>> round(p["overlapped"], 2), round(p["serial"], 2)
+    (0.3, 0.23)
+    """
+    N, K = row["shape"]
+    dense = dense_gemm_clocks(row["rows"], N, K, gpu)["clocks"]
+    fused = gemm_clocks(row, gpu)
+    return dict(overlapped=dense / fused["overlapped"], serial=dense / fused["serial"], bound=fused["bound"],
+                tiles_m=fused["tiles_m"])
+
+
+def layer_prediction(forward: dict, backward: dict, decode: dict, gpu: str, rank: int = 16) -> dict:
+    """Predicted time of a QLoRA layer's forward and backward over a bf16-base LoRA layer's.
+
+    ``forward`` and ``backward`` are the report rows of the fused ``matmul`` and ``matmul_t``
+    at the same token count; ``decode`` the decode row of the same weight. Returns the ratio for
+    the fused path (overlapped and serial) and for the decode-twice-then-dense path.
+
+    Examples
+    --------
+    >>> fwd = {"kind": "matmul", "rows": 512, "shape": [4096, 14336], "per_item": 13.5, "constexprs": {"BLOCK_M": 64}}
+    >>> bwd = {"kind": "matmul_t", "rows": 512, "shape": [4096, 14336], "per_item": 8.34, "constexprs": {"BLOCK_M": 64}}
+    >>> dec = {"kind": "decode", "shape": [4096, 14336], "per_item": 11.41, "blocksize": 64, "double_quant": True,
+    ...        "dtype": "bfloat16"}
+    >>> p = layer_prediction(fwd, bwd, dec, "H200")
+    >>> round(p["fused_overlapped"], 2), round(p["decode_then_dense"], 2)
+    (2.72, 1.54)
+    """
+    N, K = forward["shape"]
+    T = forward["rows"]
+    _, sms = _per_sm_clock(gpu)
+    adapter = 6 * T * rank * (K + N) / (TENSOR_FLOPS_PER_CLOCK * sms)
+    dense = 2 * dense_gemm_clocks(T, N, K, gpu)["clocks"] + adapter
+    f, b = gemm_clocks(forward, gpu), gemm_clocks(backward, gpu)
+    return dict(fused_overlapped=(f["overlapped"] + b["overlapped"] + adapter) / dense,
+                fused_serial=(f["serial"] + b["serial"] + adapter) / dense,
+                decode_then_dense=(2 * decode_clocks(decode, gpu) + dense) / dense)

@@ -17,7 +17,20 @@ DOCS = ROOT / "docs"
 REPORT = ROOT / "benchmarks" / "results" / "kernels.json"
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.kernel_model import GPUS, ISSUE_PER_CLOCK, budget, bytes_per_item, predict  # noqa: E402
+from benchmarks.kernel_model import (  # noqa: E402
+    GPUS,
+    ISSUE_PER_CLOCK,
+    TENSOR_FLOPS_PER_CLOCK,
+    budget,
+    bytes_per_item,
+    dense_gemm_clocks,
+    gemm_clocks,
+    gemm_prediction,
+    layer_prediction,
+    predict,
+)
+
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _md_table(headers, rows) -> str:
@@ -51,14 +64,14 @@ def _budget_cell(r: dict) -> str:
 
 
 def _row(r: dict) -> list:
-    gemm = (r["kind"] == "matmul" and r["rows"] > 16) or r["kind"] == "matmul_t"  # tensor cores: outside the model
+    gemm = (r["kind"] == "matmul" and r["rows"] > 16) or r["kind"] == "matmul_t"  # tensor cores: the GEMM model
     p = predict(r)
     spills = r["stack_bytes"] + r["local_bytes"] + r["spill_instructions"]
     return [r["case"], f"sm_{r['arch']}", _constexprs(r), r["registers"], "none" if not spills else
             f"{r['stack_bytes'] + r['local_bytes']} B", f"{r['shared_bytes'] / 1024:.1f}", r["loop_instructions"],
             f"{r['per_item']:.1f}", _budget_cell(r), _widths(r["loads"]), _widths(r["stores"]),
             r["loop_shuffles"], r["contractions"],
-            *(["not modelled"] * 2 if gemm else
+            *(["GEMM model"] * 2 if gemm else
               [f"{p[g]['fraction']:.0%} ({p[g]['bound']})" for g in ("H100", "H200")])]
 
 
@@ -114,7 +127,69 @@ def model_constants() -> str:
                     f"element, the one-row product {product:.3f} per weight of a 4096x14336 weight.\n")
 
 
-GENERATED = {"kernels_model.md": model_constants, "kernels_default.md": default_table, "kernels_all.md": all_table, "kernels_budgets.md": budget_summary}
+def _find(doc: dict, case: str, arch: int = 90):
+    return next((r for r in doc["rows"] if r["case"] == case and r["arch"] == arch), None)
+
+
+def _measured_layer(tokens: int, shape: str) -> str:
+    """``time_vs_lora`` of the triton layer in the newest GPU results file, or why there is none."""
+    files = sorted(RESULTS.glob("gpu-*.json"))
+    if not files:
+        return "not measured (no GPU run yet)"
+    doc = json.loads(files[-1].read_text())
+    for r in doc["records"]:
+        if (r["op"], r["provider"], r["shape"], r.get("tokens")) == ("layer", "triton", shape, tokens) \
+                and "time_vs_lora" in r:
+            return f"{r['time_vs_lora']:.2f}x ({files[-1].name})"
+    return f"not in {files[-1].name}"
+
+
+def _measured_gemm(rows: int) -> str:
+    """``fraction_of_dense`` from a committed ``cuda_check.json``, or why there is none."""
+    path = RESULTS / "cuda_check.json"
+    if not path.exists():
+        return "not measured (no GPU run yet)"
+    entry = json.loads(path.read_text()).get("timings", {}).get("matmul", {}).get(str(rows), {})
+    return f"{entry['fraction_of_dense']:.0%} (cuda_check.json)" if "fraction_of_dense" in entry else "not measured"
+
+
+def gemm_model() -> str:
+    """The tensor-core model's predictions (issue 13, item 4) beside the measured column."""
+    doc = _load()
+    fwd, fwd512 = _find(doc, "matmul M=2048 bfloat16"), _find(doc, "matmul M=512 bfloat16")
+    bwd512, dec = _find(doc, "matmul_t M=512 bfloat16"), _find(doc, "decode nf4 b64 dq -> bfloat16")
+    if None in (fwd, fwd512, bwd512, dec):
+        return "The committed report lacks the GEMM rows (run the report with `--all`).\n"
+    N, K = fwd["shape"]
+    rows = []
+    for gpu in GPUS:
+        c, d = gemm_clocks(fwd, gpu), dense_gemm_clocks(fwd["rows"], N, K, gpu)
+        p = gemm_prediction(fwd, gpu)
+        rows.append([gpu, f"{fwd['rows']} x {N}x{K}", f"{fwd['per_item']:.1f} x {c['tiles_m']}",
+                     f"{c['tensor']:,.0f}", f"{c['issue']:,.0f}", f"{c['memory']:,.0f}", f"{d['clocks']:,.0f}",
+                     c["bound"], f"{p['overlapped']:.0%}", f"{p['serial']:.0%}", _measured_gemm(fwd["rows"])])
+    gemm = _md_table(["GPU", "M x weight", "instr per weight x row tiles", "tensor clocks", "issue clocks",
+                      "memory clocks", "dense GEMM clocks", "bound", "predicted, overlapped", "predicted, serial",
+                      "measured"], rows)
+    rows = []
+    T = fwd512["rows"]
+    for gpu in GPUS:
+        p = layer_prediction(fwd512, bwd512, dec, gpu)
+        rows.append([gpu, T, f"{p['fused_overlapped']:.2f}x", f"{p['fused_serial']:.2f}x",
+                     f"{p['decode_then_dense']:.2f}x", _measured_layer(T, f"{N}x{K}")])
+    layer = _md_table(["GPU", "tokens", "fused GEMMs, overlapped", "fused GEMMs, serial",
+                       "two full decodes + dense GEMMs", "measured (run_gpu, triton vs dense-lora)"], rows)
+    return (f"Model constants: {TENSOR_FLOPS_PER_CLOCK} dense bf16 tensor-core operations and {ISSUE_PER_CLOCK} "
+            f"thread-instructions per clock per multiprocessor (sm_90). Instructions per weight are the sm_90 "
+            f"main-loop counts of `{fwd['case']}` (forward), `{bwd512['case']}` (input gradient) and "
+            f"`{dec['case']}` in the report above.\n\n"
+            "Fused 4-bit GEMM against an ideal dense bf16 GEMM (fraction of its throughput; target at least 70%):\n\n"
+            + gemm +
+            "\nQLoRA layer forward and backward over a bf16-base LoRA layer, rank 16 (target at most 1.15x):\n\n"
+            + layer)
+
+
+GENERATED = {"kernels_gemm_model.md": gemm_model, "kernels_model.md": model_constants, "kernels_default.md": default_table, "kernels_all.md": all_table, "kernels_budgets.md": budget_summary}
 
 
 def main() -> int:
