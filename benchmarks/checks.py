@@ -245,6 +245,6 @@ def check_derived(actual, ref64, baseline, *, dtype, scale, what: str) -> float:
     T = tolerances()
     budget = T.derived_budget(ref64, baseline, dtype=dtype, scale=scale)
     T.assert_within(actual, ref64, budget, what)
-    a = np.asarray(T._as_numpy(actual), dtype=np.float64)
+    a = np.asarray(T.as_numpy(actual), dtype=np.float64)
     err = float(np.max(np.abs(a - ref64))) if a.size else 0.0
     return err / budget if budget else 0.0

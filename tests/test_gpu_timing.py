@@ -140,7 +140,7 @@ def test_targets_met_and_not_measured():
 def test_read_ceiling_on_cpu():
     r = measure_read("cpu", 2**16, repeat=2)
     assert r["bytes_moved"] == r["nbytes"] == 2**16 and r["gbps"] > 0
-    assert set(read_stream(torch.ones(6, dtype=torch.uint8))) == {"sum uint8"}  # 6 bytes: no int32 view
+    assert set(read_stream(torch.ones(6, dtype=torch.uint8))) == {"sum uint8"}  # 6 bytes: no 4-byte view
     assert int(read_stream(torch.ones(8, dtype=torch.uint8))["sum int32"]()) == 2 * 0x01010101
     best = best_ceilings({"copy": {"gbps": 1.0}, "read": {"gbps": 5.0}}, {"copy": {"gbps": 2.0}, "read": {"gbps": 4.0}})
     assert (best["copy"]["gbps"], best["read"]["gbps"]) == (2.0, 5.0)
@@ -227,3 +227,16 @@ def test_cuda_timer_uses_graphs_and_reports_host_time():
 def test_cuda_read_ceiling():
     r = measure_read("cuda", 2**26, repeat=3)
     assert r["gbps"] > 0 and r["timing"]["method"] in ("graph", "sleep")
+
+
+def test_the_runners_derived_check_runs():
+    """Every provider of ``run_gpu`` is checked before it is timed; a broken check (as when
+    ``tests/tolerances.py`` renamed a helper) would drop every provider from a GPU run."""
+    import numpy as np
+
+    from benchmarks.checks import check_derived
+
+    ref = np.linspace(-1.0, 1.0, 64)
+    actual = torch.tensor(ref, dtype=torch.float32)
+    fraction = check_derived(actual, ref, ref.astype(np.float32), dtype=np.float32, scale=None, what="values")
+    assert 0.0 <= fraction <= 1.0
