@@ -15,8 +15,8 @@
 
    - the measured copy bandwidth (``dst.copy_(src)`` of 512 MiB; bytes read plus written), the
      ceiling of decode and quantization;
-   - the product's ceiling, a read-only stream of the product's bytes (``sum`` over a uint8 or
-     int32 view of a buffer of exactly the bytes the product must move, ``benchmarks.ceilings
+   - the product's ceiling, a read-only stream of the product's bytes (``sum`` over a float32, int32 or
+     uint8 view of a buffer of exactly the bytes the product must move, ``benchmarks.ceilings
      .read_stream``), timed in the same loop as the product;
    - bitsandbytes' ``dequantize_4bit`` (decode), ``quantize_4bit`` (quantize), ``gemv_4bit``
      and ``matmul_4bit`` (small-batch product, 1, 4 and 16 rows), and torch's dense bf16
