@@ -76,8 +76,8 @@ TARGETS = (
      "decode", "triton", {"dtype": "bfloat16"}, "pct_copy", (">=", 90.0)),
     ("gpu", "one-pass decode (Triton) at least 1.5x faster than bitsandbytes",
      "decode", "triton", {}, "speedup_vs_bnb", (">=", 1.5)),
-    ("gpu", "small-batch product (Triton) at 80% or more of the packed-weight read ceiling",
-     "matmul", "triton", {}, "pct_copy", (">=", 80.0)),
+    ("gpu", "small-batch product (Triton) at 80% or more of the read-only stream ceiling",
+     "matmul", "triton", {}, "pct_read", (">=", 80.0)),  # benchmarks/ceilings.py, Note: the ceilings
     ("gpu", "small-batch product (Triton) faster than bitsandbytes",
      "matmul", "triton", {}, "speedup_vs_bnb", (">=", 1.0)),
     ("gpu", "QLoRA layer forward+backward (Triton) at most 1.10x the time of LoRA on a bf16 base",

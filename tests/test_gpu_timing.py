@@ -240,3 +240,13 @@ def test_the_runners_derived_check_runs():
     actual = torch.tensor(ref, dtype=torch.float32)
     fraction = check_derived(actual, ref, ref.astype(np.float32), dtype=np.float32, scale=None, what="values")
     assert 0.0 <= fraction <= 1.0
+
+
+def test_run_gpu_targets_judge_the_product_against_the_read_stream():
+    """``benchmarks.summary``'s GPU target for the product reads ``pct_read`` (not ``pct_copy``)."""
+    from benchmarks.summary import evaluate_targets
+
+    record = {"op": "matmul", "provider": "triton", "shape": "4096x14336", "rows": 1, "gbps": 3.0}
+    doc = {"kind": "gpu", "records": add_percentages([record], {"copy": {"gbps": 3.2}, "read": {"gbps": 4.0}})}
+    target = next(t for t in evaluate_targets(doc) if "read-only stream" in t["target"])
+    assert target["met"] is False and target["worst"][1] == pytest.approx(75.0)  # 94% of the copy would pass
