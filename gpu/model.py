@@ -160,7 +160,7 @@ def save_peft_adapter(model: nn.Module, folder, *, base_model_name_or_path: str 
 
     The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with one
     ``base_model.model.<name>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r) per layer
-    (docs/formats.md, section 7.3), so ``peft.PeftModel.from_pretrained`` loads it onto the base
+    (docs/spec.md, section 7.3), so ``peft.PeftModel.from_pretrained`` loads it onto the base
     model and ``qlora_ref.formats.peft.read_adapter`` reads it. The config is made from the layers:
     ``target_modules`` lists their exact names, ``r`` and ``lora_alpha`` are the first layer's and
     a layer that differs gets a ``rank_pattern`` / ``alpha_pattern`` entry under its full name, so

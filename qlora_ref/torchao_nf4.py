@@ -1,7 +1,7 @@
 """torchao's NF4 format (``NF4Tensor``, used by torchtune's QLoRA), reproduced bit for bit.
 
 This is the ``"torchao"`` double-quantization scheme of ``qlora_ref.blockwise``: the whole format
-differs from bitsandbytes', not only the nested level (docs/formats.md, section 6).
+differs from bitsandbytes', not only the nested level (docs/spec.md, section 6).
 Pairs with ``qlora_ref.blockwise`` (``quantize_4bit(..., double_quant="torchao")`` and
 ``dequantize_4bit`` dispatch here) and ``qlora_ref.double_quant`` (bitsandbytes' scheme).
 Comparator: ``torchao.quantization.quantize_.workflows.nf4.nf4_tensor.to_nf4`` (tests only).

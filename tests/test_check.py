@@ -350,7 +350,7 @@ def test_bitsandbytes_cpu_has_only_named_differences():
     rows = _check("test_check:BitsAndBytesViaTorch")
     unexplained, classes = _totals(rows)
     assert unexplained == 0, format_report(rows, [])
-    # The CPU path's known rules all show up on the vectors (docs/formats.md, sections 3 and 4).
+    # The CPU path's known rules all show up on the vectors (docs/spec.md, sections 3 and 4).
     for name in ("partial block division", "absmax clamp 1e-38", "all-zero nested block", "offset sum overflow"):
         assert classes.get(name, 0) > 0, (name, classes)
 

@@ -4,7 +4,7 @@ quantization, and a PEFT adapter trained on it, read back with the oracle.
 The fixture is made offline on CPU: a random ``LlamaConfig`` model (hidden 64, 2 layers, vocab
 128) is saved, reloaded with ``BitsAndBytesConfig(load_in_4bit=True, nf4, double quant)`` and
 saved again with ``save_pretrained``; PEFT adapters are trained a few steps and saved. Nothing
-runs an eval forward before saving (docs/formats.md, section 5.3, the CPU repacking hazard).
+runs an eval forward before saving (docs/spec.md, section 5.3, the CPU repacking hazard).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The codebooks: the normative NF4 table against its derivation, FP4, INT4, the dynamic map.
 
-Facts checked here are the ones docs/formats.md (sections 1, 2 and 4) states; where bitsandbytes is
+Facts checked here are the ones docs/spec.md (sections 1, 2 and 4) states; where bitsandbytes is
 installed its own tables are the comparator, bit for bit.
 """
 
@@ -39,7 +39,7 @@ def test_normative_table_is_the_float32_pipeline_bit_for_bit():
 
 
 def test_float64_pipeline_lands_up_to_six_ulp_away():
-    # docs/formats.md, section 1.2: a float64 pipeline with one final cast differs from the stored table
+    # docs/spec.md, section 1.2: a float64 pipeline with one final cast differs from the stored table
     # by up to 6 ulp in some entries. Measured here, asserted as what it is.
     d = ulp_distance(nf4_codebook(), normal_float_codebook(4, pipeline="float64"))
     assert int(np.abs(d).max()) == 6, f"ulp distances {d.tolist()}"
@@ -106,7 +106,7 @@ def test_normal_float_codebook_refuses_bad_arguments():
 
 
 def test_fp4_table():
-    # docs/formats.md, section 2.1: sign bit 3; low bits 000..111 -> 0, 0.0625, 8, 12, 4, 6, 2, 3, / 12.
+    # docs/spec.md, section 2.1: sign bit 3; low bits 000..111 -> 0, 0.0625, 8, 12, 4, 6, 2, 3, / 12.
     magnitudes = np.array([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0], np.float32) / np.float32(12)
     cb = fp4_codebook()
     assert_bit_equal(cb[:8], magnitudes, "FP4 positive codes")

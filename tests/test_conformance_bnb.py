@@ -201,5 +201,5 @@ def test_layers_every_blocksize(dtype, quant_type, capsys):
     # the absmax is bit-identical.
     assert {name for what, name in counts if what in ("codes", "absmax")} <= {"partial block division"}, counts
     if dtype == "float32" and quant_type == "nf4":
-        # docs/formats.md, section 4.5: bnb's CPU lookup table moves a fraction of a percent of codes.
+        # docs/spec.md, section 4.5: bnb's CPU lookup table moves a fraction of a percent of codes.
         assert counts[("nested codes", "approximate lookup table")] > 0

@@ -384,7 +384,7 @@ def test_the_adapter_loads_in_peft_on_the_bitsandbytes_checkpoint(ranks):
     base = transformers.AutoModelForCausalLM.from_pretrained(folder / "bnb", device_map="cpu", dtype=torch.float32)
     layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 2 * len(TARGETS)
-    for m in layers:  # no CPU repacking of the weight on AVX512-BF16 machines (docs/formats.md, section 5)
+    for m in layers:  # no CPU repacking of the weight on AVX512-BF16 machines (docs/spec.md, section 5)
         m.support_avx512bf16_for_cpu = False
     model = peft.PeftModel.from_pretrained(base, folder / "adapter")
     with torch.no_grad():

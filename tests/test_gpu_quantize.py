@@ -51,7 +51,7 @@ def assert_states_equal(fast_state, ref_state):
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(case=quantize_cases())
-@example(case=(np.array([1, -1, 0, 0.5], np.float32), 64, "nf4", False))  # docs/formats.md, section 3.4: 0xf0 0x7c
+@example(case=(np.array([1, -1, 0, 0.5], np.float32), 64, "nf4", False))  # docs/spec.md, section 3.4: 0xf0 0x7c
 @example(case=(np.zeros(129, np.float32), 32, "fp4", True))  # all-zero blocks, odd count
 @example(case=(np.float32([3.0, 1.0, -3.0] * 11), 32, "int4", False))  # x * (1/3) > 1 rounds up
 def test_quantize_matches_oracle(device, case):
@@ -205,7 +205,7 @@ def test_torchao_states_are_refused():
 
 def test_round_trip_error_is_that_of_the_oracle():
     """A statistical sanity check on top of the exact ones: the decoded error on N(0, 1) data is
-    the oracle's (identical values), and near bitsandbytes' published mean (docs/formats.md, section 3.7)."""
+    the oracle's (identical values), and near bitsandbytes' published mean (docs/spec.md, section 3.7)."""
     x = np.random.default_rng(1).standard_normal((256, 256)).astype(np.float32)
     packed, state = G.quantize_4bit(torch.from_numpy(x), blocksize=64)
     err = (G.dequantize_4bit(packed, state).numpy() - x).__abs__().mean()

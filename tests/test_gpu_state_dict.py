@@ -1,6 +1,6 @@
 """State dicts in bitsandbytes' layout: qlora_gpu.bnb_format against the oracle and against
 bitsandbytes itself, QLoRALinear through safetensors, and a real transformers + bitsandbytes
-4-bit checkpoint made offline on CPU (docs/formats.md, section 5).
+4-bit checkpoint made offline on CPU (docs/spec.md, section 5).
 
 Exact tier throughout: same keys in the same order, same dtypes, shapes and bytes.
 """
@@ -61,12 +61,12 @@ def test_entries_match_bitsandbytes_as_dict(quant_type, double_quant):
     assert_same_entries(to_bnb_state_dict(ours_packed, ours_state), theirs, "bitsandbytes entries")
     # Our decode of their state equals their decode, but for the sign of FP4's code 8: its
     # quant_map entry (which we use) is +0.0, bitsandbytes' CPU decoder without AVX-512 writes
-    # -0.0 from the sign bit (as its CUDA decoder does; docs/formats.md, section 2.2).
+    # -0.0 from the sign bit (as its CUDA decoder does; docs/spec.md, section 2.2).
     codes = G.unpack_4bit(packed, W.numel()).reshape(W.shape)
     theirs_decoded = bnb_F.dequantize_4bit(packed, qs)
     theirs_decoded = torch.where(codes == 8, theirs_decoded.abs(), theirs_decoded) if quant_type == "fp4" else theirs_decoded
     assert_bit_equal(G.dequantize_4bit(ours_packed, ours_state), theirs_decoded, "decode")
-    if not double_quant:  # same absmax from our own quantizer, and the same codes (docs/formats.md, section 3) ...
+    if not double_quant:  # same absmax from our own quantizer, and the same codes (docs/spec.md, section 3) ...
         mine_packed, mine_state = G.quantize_4bit(W, blocksize=64, quant_type=quant_type)
         assert_bit_equal(mine_state.absmax, qs.absmax, "absmax")
         mine_codes = G.unpack_4bit(mine_packed, W.numel()).reshape(W.shape)
@@ -193,7 +193,7 @@ def llama_4bit(tmp_path_factory):
                                                    bnb_4bit_compute_dtype=torch.bfloat16)
     model = transformers.LlamaForCausalLM.from_pretrained(root / "bf16", quantization_config=quantization,
                                                           device_map="cpu", dtype=torch.bfloat16)
-    model.save_pretrained(root / "nf4")  # before any forward (docs/formats.md, section 5.3)
+    model.save_pretrained(root / "nf4")  # before any forward (docs/spec.md, section 5.3)
     return dict(config=config, model=model, state_dict=st_torch.load_file(str(root / "nf4" / "model.safetensors")))
 
 

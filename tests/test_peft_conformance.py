@@ -178,7 +178,7 @@ def test_peft_layer_matches_the_oracle(base_kind, variant, masked):
     four_bit = base_kind == "linear4bit"
     base = _linear4bit_base(generator) if four_bit else _linear_base(generator)
     if four_bit:
-        packed, state = _oracle_state(base)  # before any forward (docs/formats.md, section 5.3: CPU repacking hazard)
+        packed, state = _oracle_state(base)  # before any forward (docs/spec.md, section 5.3: CPU repacking hazard)
         W = qlora_base_weight(packed, state, compute_dtype="bfloat16")  # (out, in) float64
         # PEFT's forward decodes the base through bitsandbytes: on a CPU whose decode follows
         # another model (the AVX-512 row-crossing absmax: 48 x 80 has blocks crossing rows)

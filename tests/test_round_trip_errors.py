@@ -1,7 +1,7 @@
 """Statistical tier: mean round-trip error on standard-normal data against the published values.
 
 bitsandbytes' tests publish the mean ``|x - dequantize(quantize(x))|`` over 200 samples of
-1024x1024 standard-normal data (``PUBLISHED_MEAN_ABS_ERROR``, docs/formats.md, section 3.7), with bounds
+1024x1024 standard-normal data (``PUBLISHED_MEAN_ABS_ERROR``, docs/spec.md, section 3.7), with bounds
 of mean + 7 sigma; the sigma itself is not published.
 
 Bound used here: 7 standard deviations of the measured mean, with the standard deviation

@@ -9,7 +9,7 @@ matters.
 import ml_dtypes
 import numpy as np
 
-# The normative NF4 table as float32 bit patterns (docs/formats.md, section 1.1).
+# The normative NF4 table as float32 bit patterns (docs/spec.md, section 1.1).
 NF4 = np.array([0xBF800000, 0xBF3239B1, 0xBF066B30, 0xBECA32A0, 0xBE91A24D, 0xBE3D353F, 0xBDBA7871, 0x00000000,
                 0x3DA2FAFF, 0x3E24CAE3, 0x3E7C04DD, 0x3EAD033A, 0x3EE1A4B8, 0x3F1007AB, 0x3F3913B3, 0x3F800000],
                dtype=np.uint32).view(np.float32)

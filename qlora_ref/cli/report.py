@@ -17,7 +17,7 @@ from qlora_ref.state import BLOCKSIZES
 from qlora_ref.text_table import format_table
 
 #: Published mean |x - dequantize(quantize(x))| on 1024x1024 standard-normal float32 data
-#: (bitsandbytes' tests; see docs/formats.md, section 3.7), by quant type and block size.
+#: (bitsandbytes' tests; see docs/spec.md, section 3.7), by quant type and block size.
 PUBLISHED_MEAN_ABS_ERROR = {
     "nf4": dict(zip(BLOCKSIZES, (0.067746, 0.072798, 0.076831, 0.080337, 0.083547, 0.086610, 0.089592, 0.092547))),
     "fp4": dict(zip(BLOCKSIZES, (0.088925, 0.096543, 0.102969, 0.108684, 0.114115, 0.119333, 0.124556, 0.129536))),

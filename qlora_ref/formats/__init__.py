@@ -4,6 +4,6 @@
 list of their keys), ``qlora_ref.formats.checkpoint`` a transformers + bitsandbytes safetensors
 checkpoint, and ``qlora_ref.formats.peft`` a PEFT adapter folder; ``qlora_ref.formats.safe_io``
 holds what every reader of a user's files shares (bounded JSON, paths confined to a folder, writes
-through a temporary file). NumPy only; the layout is documented in ``docs/formats.md`` and what
+through a temporary file). NumPy only; the layout is documented in ``docs/spec.md`` and what
 the readers promise in ``docs/reader.md``.
 """

@@ -1,7 +1,7 @@
 """One 4-bit layer's entries in a bitsandbytes state dict (what transformers saves to safetensors).
 
 Writes and reads the arrays and the packed JSON that ``bitsandbytes.nn.Linear4bit`` puts into a
-state dict (docs/formats.md, section 5), as NumPy arrays, so that checkpoints can be read
+state dict (docs/spec.md, section 5), as NumPy arrays, so that checkpoints can be read
 and written without torch. Pairs with ``qlora_ref.state`` (the ``QuantState`` both directions
 use) and ``qlora_ref.blockwise`` (which makes and decodes the states). Comparator:
 ``bitsandbytes.functional.QuantState.as_dict(packed=True)`` (tests only).

@@ -1,7 +1,7 @@
 """Safetensors checkpoints as transformers + bitsandbytes write them: read, decode, write.
 
 A 4-bit linear layer ``L`` is stored as a handful of tensors (``L.weight``, ``L.weight.absmax``,
-... and the packed JSON ``L.weight.quant_state.bitsandbytes__nf4``; docs/formats.md,
+... and the packed JSON ``L.weight.quant_state.bitsandbytes__nf4``; docs/spec.md,
 section 5, and Note: bnb state-dict layout in ``qlora_ref.formats.bnb``). This module finds every
 such layer in a file (or a sharded folder), rebuilds its ``QuantState`` through
 ``qlora_ref.formats.bnb.from_bnb_state_dict`` and decodes it with the oracle; it writes files
@@ -18,7 +18,7 @@ Note: hostile files
     their quant_state JSON, and everything ``from_bnb_state_dict`` checks (missing keys, JSON
     that disagrees with the arrays, absmax of the wrong length, an unknown quant type or nested
     block size, a packed size that does not match the shape, computed exactly in Python ints).
-    bitsandbytes' CPU repacking hazard (docs/formats.md, section 5.3: a ``state_dict()`` taken after an
+    bitsandbytes' CPU repacking hazard (docs/spec.md, section 5.3: a ``state_dict()`` taken after an
     eval forward on an AVX-512-BF16 CPU re-quantizes the absmax through bfloat16 and writes
     ``nested_dtype "bfloat16"``) is refused with that explanation, and so is a layer saved in the repacked layout itself
     (docs/findings.md). A sharded index may only name
@@ -68,7 +68,7 @@ _QS_MARK = "." + QUANT_STATE_STEM
 _STATE_SUFFIXES = ARRAY_KEYS[1:]  # the entries beside the packed weight
 _HAZARD = (" -- this is bitsandbytes' CPU repacking hazard: the state dict was taken after an eval "
            "forward on an AVX-512-BF16 CPU, which re-quantized the absmax through bfloat16 "
-           "(docs/formats.md, section 5.3); save the model before running it")
+           "(docs/spec.md, section 5.3); save the model before running it")
 _REPACKED = (" -- this looks like bitsandbytes' repacked CPU layout (packed weight (N, K/2), absmax (K/blocksize, "
              "N) in bfloat16), which Linear4bit switches to on the first eval forward on an AVX512-BF16 CPU; "
              "its state_dict() converts back, so save through state_dict() (docs/findings.md)")

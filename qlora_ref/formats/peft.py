@@ -3,7 +3,7 @@
 An adapter folder holds ``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``,
 ``use_dora``, ``rank_pattern``, ``alpha_pattern``, ...) and ``adapter_model.safetensors`` with
 keys ``base_model.model.<module>.lora_A.weight`` (r, in), ``...lora_B.weight`` (out, r) and,
-for DoRA, ``...lora_magnitude_vector`` (out,) (docs/formats.md, section 7.3). This module
+for DoRA, ``...lora_magnitude_vector`` (out,) (docs/spec.md, section 7.3). This module
 reads them, matches each adapted module to its base weight in a ``qlora_ref.formats.checkpoint``
 checkpoint, and computes a layer's forward pass (``qlora_ref.qlora.qlora_forward``, or
 ``qlora_ref.dora.dora_forward`` for DoRA) or its merged weight with the oracle. Comparator in the
@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover  (Python 3.10)
 
 __all__ = ["LoraLayer", "Adapter", "read_adapter", "match_adapter", "adapter_forward", "merged_weight"]
 
-#: The prefix of every tensor key in adapter_model.safetensors (docs/formats.md, section 7.3).
+#: The prefix of every tensor key in adapter_model.safetensors (docs/spec.md, section 7.3).
 PEFT_PREFIX = "base_model.model."
 _SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
 
