@@ -1,7 +1,6 @@
 """Ceilings measured on the machine that runs the cases, in the same run: a copy, a read and a matmul.
 
-PERF.md: a percentage of a ceiling is only meaningful against the same machine at the same
-moment, so every results file carries its own ceilings and every rate in it is divided by them.
+A percentage of a ceiling is only meaningful against the same machine at the same moment, so every results file carries its own ceilings and every rate in it is divided by them.
 Used by ``benchmarks/conftest.py`` (CPU, once per pytest session) and ``benchmarks/run_gpu.py``.
 
 Note: the ceilings

@@ -222,8 +222,9 @@ def _empty_state(shape, blocksize=64, double_quant=True):
 
 
 def test_bytes_moved_are_the_documented_ceilings():
-    """PERF.md: one-pass NF4 -> bf16 decode moves 2.516 bytes per element; the small-batch
-    product reads 0.516 bytes per weight (4.127 bits) plus its input and output."""
+    """The byte counts of docs/kernels.md: one-pass NF4 -> bf16 decode moves 2.516 bytes per
+    element; the small-batch product reads 0.516 bytes per weight (4.127 bits) plus its input
+    and output."""
     state = _empty_state((4096, 14336))
     n = state.numel
     assert round(bytes_moved_dequantize(state, torch.bfloat16) / n, 3) == 2.516
