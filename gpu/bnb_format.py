@@ -31,11 +31,9 @@ from qlora_gpu import codebooks
 from qlora_gpu.state import BLOCKSIZES, DTYPES, NESTED_BLOCKSIZES, NestedAbsmax, QuantState, dtype_name
 from qlora_ref.formats.bnb import ARRAY_KEYS, JSON_KEYS, NESTED_JSON_KEYS, QUANT_STATE_PREFIX
 
-__all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "pack_json", "unpack_json", "quant_state_key", "BASE_KEYS"]
+__all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "pack_json", "unpack_json", "quant_state_key"]
 
-#: Keys of the base weight's entries other than the JSON one, in bitsandbytes' order (the
-#: oracle's ``ARRAY_KEYS``, the one list of them).
-BASE_KEYS = ARRAY_KEYS
+#: The entries beside the JSON one, named from the oracle's ``ARRAY_KEYS`` (the one list of them).
 _, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_QUANT_MAP = ARRAY_KEYS  # the names of the one key list
 
 
@@ -231,7 +229,7 @@ def from_bnb_state_dict(d: Mapping, device=None) -> tuple[torch.Tensor, QuantSta
         raise TypeError(f"expected a mapping of key to tensor, got {type(d).__name__}")
     key, meta, nested = _read_meta(d)
     for k in d:
-        if isinstance(k, str) and k.startswith("weight") and k != key and k not in BASE_KEYS:
+        if isinstance(k, str) and k.startswith("weight") and k != key and k not in ARRAY_KEYS:
             raise ValueError(f"unexpected key {k!r} for a 4-bit weight")
         if k in (NESTED_ABSMAX, NESTED_QUANT_MAP) and not nested:
             raise ValueError(f"{k!r} is present but the JSON in {key!r} has no nested_* fields")

@@ -29,6 +29,22 @@ __all__ = ["matmul_4bit", "matmul_4bit_t"]
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _weight_shape(fn: str, name: str, t, state, *, contracted_axis: int) -> tuple[int, int]:
+    """Check the operand ``t`` against the 2-D weight ``(N, K)``; return ``(N, K)``.
+
+    ``t``'s last dimension must be the weight's ``contracted_axis`` (1: ``x W^T``, 0: ``g W``).
+    """
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor")
+    if len(state.shape) != 2:
+        raise ValueError(f"{fn} needs a 2-D weight (N, K); the state has shape {state.shape}")
+    N, K = state.shape
+    size, label = (K, "K") if contracted_axis == 1 else (N, "N")
+    if t.ndim < 1 or t.shape[-1] != size:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; its last dimension must be {label} = {size}")
+    return N, K
+
+
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state, *, bias=None, backend: str = "auto",
                 config=None) -> torch.Tensor:
     """Multiply by a 4-bit weight: ``y = x W^T + bias`` in ``x.dtype``.
@@ -71,13 +87,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state, *, bias=None, back
     True
     """
     flat = check_packed(packed, state)
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor")
-    if len(state.shape) != 2:
-        raise ValueError(f"matmul_4bit needs a 2-D weight (N, K); the state has shape {state.shape}")
-    N, K = state.shape
-    if x.ndim < 1 or x.shape[-1] != K:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be K = {K}")
+    N, K = _weight_shape("matmul_4bit", "x", x, state, contracted_axis=1)
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},)")
     backend = resolve_backend(backend, x.device)
@@ -128,13 +138,7 @@ def matmul_4bit_t(g: torch.Tensor, packed: torch.Tensor, state, *, backend: str 
     True
     """
     flat = check_packed(packed, state)
-    if not isinstance(g, torch.Tensor) or not g.is_floating_point():
-        raise TypeError("g must be a floating-point tensor")
-    if len(state.shape) != 2:
-        raise ValueError(f"matmul_4bit_t needs a 2-D weight (N, K); the state has shape {state.shape}")
-    N, K = state.shape
-    if g.ndim < 1 or g.shape[-1] != N:
-        raise ValueError(f"g has shape {tuple(g.shape)}; its last dimension must be N = {N}")
+    N, K = _weight_shape("matmul_4bit_t", "g", g, state, contracted_axis=0)
     backend = resolve_backend(backend, g.device)
     g2d = g.reshape(-1, N)  # (M, N)
     if (backend == "triton" and g2d.shape[0] > 0 and K % 2 == 0 and K % state.blocksize == 0
