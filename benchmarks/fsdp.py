@@ -153,6 +153,7 @@ def _rank_main(rank: int, args, port: int, world_size: int, out: str) -> None:
                       tokens_per_s=world_size * args.batch * args.seq_len / median,
                       peak_allocated_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None)
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

@@ -220,6 +220,7 @@ def _worker(rank: int, folder: str, port: int) -> None:
     try:
         results = {name: case(rank, Path(folder)) for name, case in CASES.items()}
         torch.save(results, Path(folder) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts)
     finally:
         dist.destroy_process_group()
 

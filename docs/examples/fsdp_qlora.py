@@ -103,6 +103,7 @@ def train(rank: int, out: str, port: int) -> None:
     if rank == 0:
         save_file({k: v for k, v in full.items() if ".lora_" not in k}, str(Path(out) / "model.safetensors"))
         save_peft_adapter(model, Path(out) / "adapter", state_dict=full)
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 
