@@ -266,6 +266,7 @@ def time_kernels(shape, rows_list, device="cuda", quick: bool = False) -> tuple[
         bytes_moved_matmul,
         default_config,
         matmul_4bit_triton,
+        row_tile,
     )
     from qlora_gpu.kernels.quantize import quantize_4bit_triton
     from qlora_gpu.quantize import double_quantize
@@ -378,7 +379,9 @@ def time_kernels(shape, rows_list, device="cuda", quick: bool = False) -> tuple[
                  "bytes": need, "ceiling_ms": ceiling_ms,
                  "ceiling": min(reads, key=lambda k: reads[k]["time_ms"]) if reads else "copy bandwidth (no read stream)",
                  "read_gbps": need / (ceiling_ms * 1e6), "copy_ceiling_ms": copy_ceiling_ms,
-                 "default_config": list(default_config(M, N, K))}
+                 "default_config": list(default_config(M, N, K, torch.cuda.get_device_capability(dev)
+                                                       if dev.type == "cuda" else (9, 0))),
+                 "row_tile": row_tile(M, torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (9, 0))}
         if "triton fused (default)" in timed and "torch bf16 linear (dense W)" in timed:
             entry["fraction_of_dense"] = (timed["torch bf16 linear (dense W)"]["time_ms"]
                                           / timed["triton fused (default)"]["time_ms"])

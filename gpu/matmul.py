@@ -13,7 +13,7 @@ Public API
     ``x (..., K)`` float32/float16/bfloat16 (float64 on the torch backend), ``W (N, K)``;
     returns ``(..., N)`` in ``x.dtype``. With the Triton backend (and an even ``K``) the fused
     kernel of ``qlora_gpu.kernels.matmul`` reads the packed weight directly for any number of
-    rows (CUDA cores for one row, tensor cores on row tiles of 16 or 64 otherwise) and no
+    rows (CUDA cores for one row, tensor cores on row tiles of 16 to 256 otherwise) and no
     decoded weight is written to memory; otherwise the weight is decoded once (one-pass kernel
     on Triton) and multiplied with ``torch.nn.functional.linear``.
 """

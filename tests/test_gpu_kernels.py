@@ -115,7 +115,7 @@ CONFIGS = [
 
 @st.composite
 def matmul_cases(draw):
-    M = draw(st.integers(1, 16) | st.just(1) | st.integers(17, 70))  # > 16: row tiles of 64
+    M = draw(st.integers(1, 16) | st.just(1) | st.integers(17, 140))  # > 16: row tiles of 64 and 128
     N = draw(st.integers(1, 70))
     K = draw(st.integers(1, 160).map(lambda k: 2 * k) | st.integers(1, 99))  # odd K: fallback
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -137,6 +137,10 @@ def matmul_cases(draw):
                    double_quant=True, dtype=torch.bfloat16, bias=False, config=None))
 @example(case=dict(M=16, N=33, K=96, rng=np.random.default_rng(1), blocksize=64, quant_type="fp4",
                    double_quant=True, dtype=torch.bfloat16, bias=True, config=CONFIGS[2]))  # blocks cross rows
+@example(case=dict(M=130, N=70, K=192, rng=np.random.default_rng(3), blocksize=64, quant_type="nf4",
+                   double_quant=True, dtype=torch.bfloat16, bias=True, config=None))  # 128-row tiles, K past a tile
+@example(case=dict(M=1030, N=70, K=256, rng=np.random.default_rng(4), blocksize=64, quant_type="nf4",
+                   double_quant=True, dtype=torch.bfloat16, bias=False, config=None))  # 256-row tiles, EVEN_K
 def test_fused_matmul_within_derived_tolerance(device, case):
     M, N, K, rng, dtype = case["M"], case["N"], case["K"], case["rng"], case["dtype"]
     W = rng.standard_normal((N, K)).astype(np.float32)
@@ -175,6 +179,10 @@ def test_fused_matmul_within_derived_tolerance(device, case):
 @given(case=matmul_cases())
 @example(case=dict(M=20, N=70, K=256, rng=np.random.default_rng(2), blocksize=64, quant_type="nf4",
                    double_quant=True, dtype=torch.bfloat16, bias=False, config=None))  # N past one tile
+@example(case=dict(M=130, N=64, K=192, rng=np.random.default_rng(5), blocksize=64, quant_type="nf4",
+                   double_quant=True, dtype=torch.bfloat16, bias=False, config=None))  # 128-row tiles, EVEN_N, K past a tile
+@example(case=dict(M=1030, N=70, K=256, rng=np.random.default_rng(6), blocksize=64, quant_type="nf4",
+                   double_quant=False, dtype=torch.float16, bias=False, config=None))  # 256-row tiles, N past a tile
 def test_fused_transposed_matmul_within_derived_tolerance(device, case):
     """``g W`` (the layer's input gradient) against ``g @ W_c`` in float64, W_c the oracle's weight
     rounded to the compute dtype; fallback (K not a multiple of the block) bit-equal to torch's."""

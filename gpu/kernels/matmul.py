@@ -14,26 +14,37 @@ product's weights). Tests hold both to the derived tolerance tier (the accumulat
 differs from any reference).
 
 Design:
-- grid ``(cdiv(N, BLOCK_N), SPLIT_K)``: each program owns ``BLOCK_N`` output features and a
-  ``1 / SPLIT_K`` share of ``K``; ``SPLIT_K > 1`` writes float32 partials that
-  ``splitk_reduce_kernel`` sums in a fixed order (deterministic, no atomics), adding the bias
-  and rounding in the same launch, for the case ``N / BLOCK_N`` programs would not fill the GPU.
+- grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``: each program owns ``BLOCK_N``
+  output features of ``BLOCK_M`` rows and a ``1 / SPLIT_K`` share of ``K``; ``SPLIT_K > 1``
+  writes float32 partials that ``splitk_reduce_kernel`` sums in a fixed order (deterministic,
+  no atomics), adding the bias and rounding in the same launch, for the case where the other
+  axes would not fill the GPU.
 - each step loads a ``(BLOCK_N, BLOCK_K / 2)`` tile of packed bytes (rows are contiguous and
   the row length ``K / 2`` comes from the host, so loads are 16 bytes wide when it divides by
-  16) and gathers each byte's two codebook values at once from a 256-entry table of float32
-  pairs (``codebooks.pair_table``): one gather per two weights.
+  16) and looks up each byte's two codebook values at once in a 256-entry table of float32
+  pairs (``codebooks.pair_table``): one lookup per two weights. The tensor-core paths load the
+  table once per program and look it up with ``tl.gather`` (on-chip, no global load per
+  byte); the one-row path gathers from the L1-cached table in global memory.
 - absmax: when ``K`` is a multiple of the block size each row of the tile holds whole groups
   and one absmax per group is loaded and broadcast (``ALIGNED``); otherwise blocks cross rows
   and the absmax is gathered per byte. Double-quantized absmax is decoded in the same step,
   ``code[q] * nested_absmax + offset`` with two roundings (launched with
   ``enable_fp_fusion=False``, see ``qlora_gpu.kernels.quantize``, Note: exact arithmetic in
   the Triton kernels).
-- two or more rows: ``tl.dot`` (tensor cores, ``BLOCK_M = 16`` up to 16 rows, row tiles of
-  64 on a third grid axis beyond) on the even and the odd
-  columns, ``x W^T = x_even W_even^T + x_odd W_odd^T``. One row: CUDA cores, the two halves
-  interleaved back into column order and multiplied with a contiguous row of ``x`` by
-  ``tl.fma`` into a ``(BLOCK_N, BLOCK_K)`` accumulator kept in the weight tile's layout, so
-  nothing crosses threads inside the loop; one reduction over ``K`` after it.
+- masks: rows of ``x`` past ``M`` and rows of ``W`` past ``N`` are read again from the last
+  one (their results are never stored), so only ``K``, the sum's dimension, is masked, and
+  not at all when the tiles divide it (``EVEN_K``).
+- two or more rows: ``tl.dot`` (tensor cores). The decoded tile is rounded to the compute
+  dtype and put back in column order (``tl.interleave`` of the even and odd columns), so one
+  dot takes a contiguous ``(BLOCK_M, BLOCK_K)`` tile of ``x``. Up to 16 rows: ``BLOCK_M = 16``
+  and ``K`` split across programs. Past 16 rows (training) each program multiplies
+  ``row_tile(M)`` rows (64, 128 or 256 on sm_90) by the weight tile it decoded, and is
+  compiled for at most 128 registers per thread so that two programs share a multiprocessor:
+  the decode of one runs while the other's tensor-core products run (``docs/kernels.md``, the
+  GEMM model). One row: CUDA cores, the two halves interleaved back into column order and
+  multiplied with a contiguous row of ``x`` by ``tl.fma`` into a ``(BLOCK_N, BLOCK_K)``
+  accumulator kept in the weight tile's layout, so nothing crosses threads inside the loop;
+  one reduction over ``K`` after it.
 
 Note: the one-row product's weights
     With one row the kernel multiplies ``x`` by the float32 decoded weight
@@ -50,9 +61,9 @@ Note: the one-row product's weights
 Bytes moved (the ceiling the benchmark compares against): the packed weight and its constants
 once, ``0.516 * N * K`` for NF4 block 64 with double quantization, plus ``x`` and ``y``
 (``2 * M * (K + N)`` in bf16), which for ``M <= 16`` and a 4096x14336 weight is under 0.5%;
-with many rows the product becomes compute-bound, and each 64-row tile decodes its weight
-tile again (``cdiv(M, 64)`` reads of the packed weight, still under a tenth of a bf16 weight's
-bytes per tile).
+with many rows the product becomes compute-bound, and each row tile decodes its weight tile
+again (``cdiv(M, row_tile(M))`` reads of the packed weight, mostly from L2, each under a tenth
+of a bf16 weight's bytes).
 """
 
 from __future__ import annotations
@@ -64,22 +75,51 @@ import triton
 import triton.language as tl
 
 from qlora_gpu import codebooks
-from qlora_gpu.kernels.util import absmax_arguments, cast_rne, interpreting, launch_context
+from qlora_gpu.kernels.util import absmax_arguments, capability, cast_rne, interpreting, launch_context
 
 __all__ = ["matmul_4bit_kernel", "splitk_reduce_kernel", "matmul_4bit_t_kernel", "matmul_4bit_t_triton",
            "matmul_4bit_triton", "MatmulConfig", "default_config", "CONFIGS",
-           "bytes_moved_matmul"]
+           "bytes_moved_matmul", "row_tile"]
 
 
 @triton.jit
 def _absmax_at(blk, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED: tl.constexpr):
-    """float32 absmax of first-level blocks ``blk`` (decoded from 8 bits when ``NESTED``)."""
-    if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + blk // NESTED, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
+    """float32 absmax of first-level blocks ``blk`` (decoded from 8 bits when ``NESTED``);
+    ``mask`` None when every block is inside the tensor."""
+    if mask is None:
+        if NESTED:
+            q = tl.load(absmax_ptr + blk).to(tl.int32)
+            scale = tl.load(nested_absmax_ptr + blk // NESTED)
+            return tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
+        else:
+            return tl.load(absmax_ptr + blk)
     else:
-        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        if NESTED:
+            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(nested_absmax_ptr + blk // NESTED, mask=mask, other=0.0)
+            return tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
+        else:
+            return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def _pairs_of(b, table, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr):
+    """Each packed byte's two codebook values as float32 ``(high nibble, low nibble)``.
+
+    ``table`` is the 256-entry pair table held by the program (``codebooks.pair_table``), so
+    the lookup is a gather from on-chip memory (``tl.gather``) instead of a load from global
+    memory per byte.
+    """
+    pair = tl.reshape(tl.gather(table, tl.reshape(b.to(tl.int32), (BLOCK_N * HALF_K,)), 0), (BLOCK_N, HALF_K))
+    v_hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)  # even columns (high nibble)
+    v_lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)  # odd columns
+    return v_hi, v_lo
+
+
+@triton.jit
+def _times_group_absmax(v, a, BLOCK_N: tl.constexpr, G: tl.constexpr, HALF_K: tl.constexpr):
+    """``v (BLOCK_N, HALF_K) * a (BLOCK_N, G)``, each absmax broadcast over its group's bytes."""
+    return tl.reshape(tl.reshape(v, (BLOCK_N, G, HALF_K // G)) * a[:, :, None], (BLOCK_N, HALF_K))
 
 
 @triton.jit
@@ -100,6 +140,7 @@ def matmul_4bit_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,  # nested block size, 0 without double quantization
     ALIGNED: tl.constexpr,  # K % BLOCKSIZE == 0
+    EVEN_K: tl.constexpr,  # K % (SPLIT_K * BLOCK_K) == 0: no tile reaches past K, nothing to mask
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -115,48 +156,60 @@ def matmul_4bit_kernel(
     pid_k = tl.program_id(1)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of x this program multiplies
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    n_in = offs_n < N
+    # Rows of x past M and rows of W past N are read again from the last one (their results are
+    # never stored): the loads need no mask. Only K, the sum's dimension, is masked (not EVEN_K).
+    rows_x = tl.minimum(offs_m, M - 1)
+    rows_w = tl.minimum(offs_n, N - 1)
     x_dtype = x_ptr.dtype.element_ty
     k_chunk = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_start = pid_k * k_chunk
     k_end = tl.minimum(k_start + k_chunk, K)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        table = tl.load(pair_ptr + tl.arange(0, 256))  # the pair table, held for the whole loop
     else:  # one row of x: products accumulate in the weight tile's layout, reduced after the loop
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         j = k0 // 2 + tl.arange(0, HALF_K)  # (HALF_K,) byte column
-        w_mask = n_in[:, None] & (j < half_k)[None, :]
-        b = tl.load(packed_ptr + offs_n[:, None] * half_k + j[None, :], mask=w_mask, other=0)  # (BLOCK_N, HALF_K)
-        pair = tl.load(pair_ptr + b.to(tl.int32))  # one gather per byte: two codebook values
-        v_hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)  # even columns (high nibble)
-        v_lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)  # odd columns
+        if EVEN_K:
+            b = tl.load(packed_ptr + rows_w[:, None] * half_k + j[None, :])  # (BLOCK_N, HALF_K)
+        else:
+            b = tl.load(packed_ptr + rows_w[:, None] * half_k + j[None, :], mask=(j < half_k)[None, :], other=0)
+        if USE_DOT:
+            v_hi, v_lo = _pairs_of(b, table, BLOCK_N, HALF_K)
+        else:  # one gather per byte from the (L1-cached) table in global memory
+            pair = tl.load(pair_ptr + b.to(tl.int32))
+            v_hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+            v_lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
         if ALIGNED:
             # Each tile row holds G whole blocks (or lies inside one): one absmax per group.
             G: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
-            blk = offs_n[:, None] * blocks_per_row + k0 // BLOCKSIZE + tl.arange(0, G)[None, :]  # (BLOCK_N, G)
-            g_mask = n_in[:, None] & ((k0 + tl.arange(0, G) * BLOCKSIZE) < K)[None, :]
-            a = _absmax_at(blk, g_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)
-            a = a[:, :, None]  # (BLOCK_N, G, 1), broadcast over the group's bytes
-            w_hi = tl.reshape(tl.reshape(v_hi, (BLOCK_N, G, HALF_K // G)) * a, (BLOCK_N, HALF_K))
-            w_lo = tl.reshape(tl.reshape(v_lo, (BLOCK_N, G, HALF_K // G)) * a, (BLOCK_N, HALF_K))
+            blk = rows_w[:, None] * blocks_per_row + k0 // BLOCKSIZE + tl.arange(0, G)[None, :]  # (BLOCK_N, G)
+            if EVEN_K:
+                a = _absmax_at(blk, None, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)
+            else:
+                a = _absmax_at(blk, ((k0 + tl.arange(0, G) * BLOCKSIZE) < K)[None, :], absmax_ptr,
+                               nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)
+            w_hi = _times_group_absmax(v_hi, a, BLOCK_N, G, HALF_K)
+            w_lo = _times_group_absmax(v_lo, a, BLOCK_N, G, HALF_K)
         else:
-            blk = (offs_n[:, None] * K + 2 * j[None, :]) // BLOCKSIZE  # block of the even element
-            a = _absmax_at(blk, w_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)
+            blk = (rows_w[:, None] * K + 2 * j[None, :]) // BLOCKSIZE  # block of the even element
+            a = _absmax_at(blk, (j < half_k)[None, :], absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                           NESTED)
             w_hi = v_hi * a
             w_lo = v_lo * a
         if USE_DOT:
-            w_hi = cast_rne(w_hi, x_dtype, BITWISE)  # tensor-core inputs: the weight rounded as the oracle does
-            w_lo = cast_rne(w_lo, x_dtype, BITWISE)
-            kk = k0 + 2 * tl.arange(0, HALF_K)  # (HALF_K,) even column index
-            x_offs = offs_m[:, None, None] * stride_xm + kk[None, :, None] + tl.arange(0, 2)[None, None, :]
-            x_mask = (offs_m < M)[:, None, None] & (kk < K)[None, :, None]
-            x_even, x_odd = tl.split(tl.load(x_ptr + x_offs, mask=x_mask, other=0.0))  # (BLOCK_M, HALF_K) each
+            # Tensor-core input: the weight rounded as the oracle does, back in column order, so
+            # one dot takes a contiguous (BLOCK_M, BLOCK_K) tile of x.
+            w = tl.interleave(cast_rne(w_hi, x_dtype, BITWISE), cast_rne(w_lo, x_dtype, BITWISE))
+            k = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                x = tl.load(x_ptr + rows_x[:, None] * stride_xm + k[None, :])  # (BLOCK_M, BLOCK_K)
+            else:
+                x = tl.load(x_ptr + rows_x[:, None] * stride_xm + k[None, :], mask=(k < K)[None, :], other=0.0)
             if DOT_IN_FP32:  # interpreter only: its dot multiplies bf16 bit patterns as integers
-                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)  # exact, as are the products
-                w_hi, w_lo = w_hi.to(tl.float32), w_lo.to(tl.float32)
-            acc = tl.dot(x_even, tl.trans(w_hi), acc, input_precision=PRECISION)
-            acc = tl.dot(x_odd, tl.trans(w_lo), acc, input_precision=PRECISION)
+                x, w = x.to(tl.float32), w.to(tl.float32)  # exact, as are the products
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         else:
             k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,) one contiguous row of x
             x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
@@ -166,10 +219,10 @@ def matmul_4bit_kernel(
             acc2 = tl.fma(w, x[None, :], acc2)
     if not USE_DOT:
         acc = tl.sum(acc2, axis=1)[None, :]  # (1, BLOCK_N)
-    out_mask = (offs_m < M)[:, None] & n_in[None, :]
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + rows_w).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], cast_rne(acc, out_ptr.dtype.element_ty, BITWISE),
                  mask=out_mask)
     else:
@@ -215,6 +268,8 @@ def matmul_4bit_t_kernel(
     stride_gm,
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no weight tile reaches past N, nothing to mask
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no tile reaches past K
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -224,37 +279,47 @@ def matmul_4bit_t_kernel(
 ):
     """``out (M, K) = g (M, N) @ W (N, K)``: each program owns ``BLOCK_K`` input features and
     ``BLOCK_M`` rows and walks ``N``; the weight tile is decoded exactly as in
-    ``matmul_4bit_kernel`` (rounded to the compute dtype for the tensor cores)."""
+    ``matmul_4bit_kernel`` (rounded to the compute dtype for the tensor cores, back in column
+    order). Rows of ``g`` past ``M`` and columns of ``W`` past ``K`` are read again from the
+    last one and never stored; rows of ``W`` past ``N`` (the sum's dimension) are masked unless
+    ``EVEN_N``."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     G: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1  # blocks per tile row
     k0 = tl.program_id(0) * BLOCK_K
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_g = tl.minimum(offs_m, M - 1)
     j = k0 // 2 + tl.arange(0, HALF_K)  # (HALF_K,) byte column
+    blk_col = k0 // BLOCKSIZE + tl.arange(0, G)  # (G,) block column
+    if not EVEN_K:  # columns past K: read again from the last one, never stored
+        j = tl.minimum(j, half_k - 1)
+        blk_col = tl.minimum(blk_col, blocks_per_row - 1)
     g_dtype = g_ptr.dtype.element_ty
-    acc_even = tl.zeros((BLOCK_M, HALF_K), dtype=tl.float32)
-    acc_odd = tl.zeros((BLOCK_M, HALF_K), dtype=tl.float32)
+    table = tl.load(pair_ptr + tl.arange(0, 256))  # the pair table, held for the whole loop
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        n_in = offs_n < N
-        b = tl.load(packed_ptr + offs_n[:, None] * half_k + j[None, :], mask=n_in[:, None] & (j < half_k)[None, :],
-                    other=0)  # (BLOCK_N, HALF_K)
-        pair = tl.load(pair_ptr + b.to(tl.int32))
-        v_hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-        v_lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
-        blk = offs_n[:, None] * blocks_per_row + k0 // BLOCKSIZE + tl.arange(0, G)[None, :]  # (BLOCK_N, G)
-        g_mask = n_in[:, None] & ((k0 + tl.arange(0, G) * BLOCKSIZE) < K)[None, :]
-        a = _absmax_at(blk, g_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)[:, :, None]
-        w_hi = cast_rne(tl.reshape(tl.reshape(v_hi, (BLOCK_N, G, HALF_K // G)) * a, (BLOCK_N, HALF_K)), g_dtype, BITWISE)
-        w_lo = cast_rne(tl.reshape(tl.reshape(v_lo, (BLOCK_N, G, HALF_K // G)) * a, (BLOCK_N, HALF_K)), g_dtype, BITWISE)
-        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], mask=(offs_m < M)[:, None] & n_in[None, :],
-                    other=0.0)  # (BLOCK_M, BLOCK_N)
+        if EVEN_N:
+            b = tl.load(packed_ptr + offs_n[:, None] * half_k + j[None, :])  # (BLOCK_N, HALF_K)
+        else:
+            b = tl.load(packed_ptr + offs_n[:, None] * half_k + j[None, :], mask=(offs_n < N)[:, None], other=0)
+        v_hi, v_lo = _pairs_of(b, table, BLOCK_N, HALF_K)
+        blk = offs_n[:, None] * blocks_per_row + blk_col[None, :]  # (BLOCK_N, G)
+        if EVEN_N:
+            a = _absmax_at(blk, None, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED)
+        else:
+            a = _absmax_at(blk, (offs_n < N)[:, None], absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                           NESTED)
+        w = tl.interleave(cast_rne(_times_group_absmax(v_hi, a, BLOCK_N, G, HALF_K), g_dtype, BITWISE),
+                          cast_rne(_times_group_absmax(v_lo, a, BLOCK_N, G, HALF_K), g_dtype, BITWISE))
+        if EVEN_N:
+            g = tl.load(g_ptr + rows_g[:, None] * stride_gm + offs_n[None, :])  # (BLOCK_M, BLOCK_N)
+        else:
+            g = tl.load(g_ptr + rows_g[:, None] * stride_gm + offs_n[None, :], mask=(offs_n < N)[None, :], other=0.0)
         if DOT_IN_FP32:  # interpreter only: its dot multiplies bf16 bit patterns as integers
-            g, w_hi, w_lo = g.to(tl.float32), w_hi.to(tl.float32), w_lo.to(tl.float32)
-        acc_even = tl.dot(g, w_hi, acc_even, input_precision=PRECISION)
-        acc_odd = tl.dot(g, w_lo, acc_odd, input_precision=PRECISION)
-    y = tl.interleave(acc_even, acc_odd)  # (BLOCK_M, BLOCK_K) in column order
+            g, w = g.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
     kk = k0 + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + offs_m[:, None] * K + kk[None, :], cast_rne(y, out_ptr.dtype.element_ty, BITWISE),
+    tl.store(out_ptr + offs_m[:, None] * K + kk[None, :], cast_rne(acc, out_ptr.dtype.element_ty, BITWISE),
              mask=(offs_m < M)[:, None] & (kk < K)[None, :])
 
 
@@ -274,8 +339,12 @@ def matmul_4bit_t_triton(g2d: torch.Tensor, flat: torch.Tensor, state) -> torch.
     K = state.shape[1]
     if g2d.stride(1) != 1:
         g2d = g2d.contiguous()
-    block_m = 16 if M <= 16 else 64
-    block_k = 128
+    cap = capability(g2d.device)
+    if g2d.dtype == torch.float32:  # CUDA-core dots in full precision: small tiles (larger ones spill)
+        block_m, block_n, block_k = 16, 32, 64
+    else:
+        block_m, block_n = row_tile(M, cap), 64
+        block_k = 64 if block_m == 256 else 128  # 256-row tiles: 64 columns keep a thread under 128 registers
     out = torch.empty((M, K), dtype=g2d.dtype, device=g2d.device)
     absmax, nested_absmax, nested_code, offset, nested = absmax_arguments(state)
     dot_in_fp32 = interpreting() and g2d.dtype == torch.bfloat16
@@ -283,9 +352,12 @@ def matmul_4bit_t_triton(g2d: torch.Tensor, flat: torch.Tensor, state) -> torch.
         matmul_4bit_t_kernel[(triton.cdiv(K, block_k), triton.cdiv(M, block_m))](
             g2d, flat, _pair_table(state.codebook), absmax, nested_absmax, nested_code, offset, out,
             M, N, K, K // 2, K // state.blocksize, g2d.stride(0),
-            BLOCKSIZE=state.blocksize, NESTED=nested, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k,
+            BLOCKSIZE=state.blocksize, NESTED=nested, EVEN_N=(N % block_n == 0), EVEN_K=(K % block_k == 0),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k,
             PRECISION="ieee" if g2d.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
-            BITWISE=interpreting(), num_warps=8 if block_m == 64 else 4, enable_fp_fusion=False,
+            BITWISE=interpreting(), num_warps=8 if block_m >= 64 else 4, enable_fp_fusion=False,
+            **_gemm_options(block_m, cap),
         )
     return out
 
@@ -314,8 +386,9 @@ class MatmulConfig(tuple):
 
 #: Candidate configurations for a sweep on the GPU (``benchmarks.cuda_check`` times them): weight
 #: tiles of at most 8192 weights (64 per thread at 4 warps) and tensor-core tiles at most 256
-#: deep. The compiled code of larger tiles spills on sm_80 and sm_90, and the tensor-core
-#: 64x512 tile needs more shared memory than an A100 block has (``benchmarks/kernel_report.py``).
+#: deep (and of at most 4096 weights when deeper than 128). The compiled code of larger tiles
+#: spills on sm_80 or sm_90, and the tensor-core 64x512 tile needs more shared memory than an
+#: A100 block has (``benchmarks/kernel_report.py``).
 CONFIGS = [
     MatmulConfig(bn, bk, sk, dot, w)
     for bn in (16, 32, 64)
@@ -323,19 +396,53 @@ CONFIGS = [
     for sk in (1, 2, 4)
     for dot in (False, True)
     for w in (4,)
-    if bn * bk <= 8192 and not (dot and bk > 256)
+    if bn * bk <= 8192 and not (dot and (bk > 256 or bk > 128 and bn * bk > 4096))
 ]
 
 
-def default_config(M: int, N: int, K: int) -> MatmulConfig:
+def row_tile(M: int, cap: tuple = (9, 0)) -> int:
+    """Rows of ``x`` (or ``g``) one tensor-core program multiplies on a GPU of compute
+    capability ``cap``: the weight tile it decodes serves that many rows, so larger tiles spend
+    fewer decode instructions per product. sm_90 (H100/H200) takes up to 256 (its ``wgmma``
+    keeps the accumulator within 128 registers per thread); earlier GPUs 64, beyond which
+    ``mma.sync`` code spills (``docs/kernels.md``).
+
+    Examples
+    --------
+    >>> [row_tile(m) for m in (2, 16, 17, 64, 65, 512, 1024, 1025, 2048)]
+    [16, 16, 64, 64, 128, 128, 128, 256, 256]
+    >>> row_tile(2048, (8, 0))
+    64
+    """
+    if M <= 16:
+        return 16
+    if cap < (9, 0) or M <= 64:
+        return 64
+    return 128 if M <= 1024 else 256
+
+
+def _gemm_options(block_m: int, cap: tuple) -> dict:
+    """Compiler options of a tensor-core launch past 64 rows on sm_90: two stages of software
+    pipelining and at most 128 registers per thread, so that two programs of 8 warps fit on one
+    multiprocessor (65,536 registers) and one decodes while the other's tensor-core products
+    run (``docs/kernels.md``, the GEMM model). Nothing under the interpreter, which has no
+    compiler, nor elsewhere (Triton's defaults)."""
+    if block_m <= 64 or cap < (9, 0) or interpreting():
+        return {}
+    return dict(num_stages=2, maxnreg=128)
+
+
+def default_config(M: int, N: int, K: int, cap: tuple = (9, 0), dtype=None) -> MatmulConfig:
     """A reasonable configuration before tuning: enough programs to fill a large GPU.
 
     One row of ``x`` takes CUDA cores with 16 output features per program: 256 programs for
-    ``N = 4096``, about two per multiprocessor of an H100/H200, without splitting ``K``. More
-    rows take tensor cores on 64x128 weight tiles (fewer instructions per weight, see
+    ``N = 4096``, about two per multiprocessor of an H100/H200, without splitting ``K``. Two to
+    16 rows take tensor cores on 64x128 weight tiles (fewer instructions per weight, see
     ``docs/kernels.md``), and ``K`` is split until there are 256 programs; the partial sums are
     reduced by ``splitk_reduce_kernel`` (one launch, which also adds the bias and rounds).
-    Past 16 rows the rows come in tiles of 64 with 8 warps (4 warps spill on sm_80).
+    Past 16 rows (training) each program multiplies ``row_tile(M)`` rows by a 64-row weight
+    tile with 8 warps, 128 columns deep, or 64 deep for 256-row tiles (a thread stays under the
+    128 registers that let two programs share a multiprocessor).
 
     Examples
     --------
@@ -343,15 +450,27 @@ def default_config(M: int, N: int, K: int) -> MatmulConfig:
     (16, 256, 1, False, 4)
     >>> default_config(4, 4096, 14336)
     (64, 128, 4, True, 4)
-    >>> default_config(2048, 4096, 14336)  # training: 64-row tiles fill the GPU without a split
+    >>> default_config(512, 4096, 14336)  # 128-row tiles: 256 programs, no split
     (64, 128, 1, True, 8)
+    >>> default_config(2048, 4096, 14336)  # 256-row tiles
+    (64, 64, 1, True, 8)
+    >>> default_config(2048, 4096, 14336, dtype=torch.float32)
+    (32, 64, 1, True, 4)
     """
+    if dtype == torch.float32 and M > 1:
+        programs = -(-N // 32) * -(-M // 16)
+        split_k = 1
+        while programs * split_k < 256 and K >= 2 * split_k * 64 * 4:
+            split_k *= 2
+        return MatmulConfig(32, 64, split_k, True, 4)
+    if M > 16:
+        return MatmulConfig(64, 64 if row_tile(M, cap) == 256 else 128, 1, True, 8)
     block_n, block_k = (16, 256) if M == 1 else (64, 128)
-    programs = -(-N // block_n) * (1 if M <= 16 else -(-M // 64))  # row tiles of 64 past 16 rows
+    programs = -(-N // block_n)
     split_k = 1
     while programs * split_k < 256 and K >= 2 * split_k * block_k * 4:
         split_k *= 2
-    return MatmulConfig(block_n, block_k, split_k, M > 1, 4 if M <= 16 else 8)  # 64-row tiles: 8 warps (4 spill)
+    return MatmulConfig(block_n, block_k, split_k, M > 1, 4)
 
 
 def bytes_moved_matmul(state, M: int, x_dtype: torch.dtype) -> int:
@@ -385,9 +504,10 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
     """
     M, K = x2d.shape
     N = state.shape[0]
-    block_n, block_k, split_k, use_dot, num_warps = config or default_config(M, N, K)
+    cap = capability(x2d.device)
+    block_n, block_k, split_k, use_dot, num_warps = config or default_config(M, N, K, cap, x2d.dtype)
     use_dot = use_dot or M > 1  # the CUDA-core path takes one row (Note: the one-row product's weights)
-    block_m = 1 if not use_dot else 16 if M <= 16 else 64
+    block_m = (16 if x2d.dtype == torch.float32 else row_tile(M, cap)) if use_dot else 1
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     if split_k == 1:
@@ -402,9 +522,11 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
             x2d, flat, _pair_table(state.codebook), absmax, nested_absmax, nested_code, offset,
             bias if bias is not None else state.codebook, out, M, N, K, K // 2, K // state.blocksize, x2d.stride(0),
             BLOCKSIZE=state.blocksize, NESTED=nested, ALIGNED=(K % state.blocksize == 0),
-            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-            USE_DOT=use_dot, PRECISION="ieee" if x2d.dtype == torch.float32 or dot_in_fp32 else "tf32",
+            EVEN_K=(K % (split_k * block_k) == 0), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=use_dot,
+            PRECISION="ieee" if x2d.dtype == torch.float32 or dot_in_fp32 else "tf32",
             DOT_IN_FP32=dot_in_fp32, BITWISE=interpreting(), num_warps=num_warps, enable_fp_fusion=False,
+            **_gemm_options(block_m, cap),
         )
     if split_k == 1:
         return out

@@ -13,6 +13,33 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+#: The compute capability the launchers choose configurations for when set (``compiling_for``).
+_TARGET = []
+
+
+@contextlib.contextmanager
+def compiling_for(capability: tuple):
+    """Make the launchers choose their configurations for ``capability`` (e.g. ``(8, 0)``), as
+    on such a GPU: the kernel report captures launches on ``meta`` tensors this way."""
+    _TARGET.append(tuple(capability))
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+def capability(device) -> tuple:
+    """Compute capability to choose launch configurations for: the GPU's own, the one set by
+    ``compiling_for``, or ``(9, 0)`` (H100/H200) for any other device (the interpreter)."""
+    if _TARGET:
+        return _TARGET[-1]
+    if device.type == "cuda":
+        import torch  # the kernel modules import it anyway; this one stays importable without
+
+        return tuple(torch.cuda.get_device_capability(device))
+    return (9, 0)
+
+
 def launch_context():
     """Silence NumPy's floating-point warnings under the interpreter.
 
