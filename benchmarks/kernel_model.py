@@ -29,24 +29,37 @@ Note: the model's constants
 Note: the tensor-core model
     The fused 4-bit GEMM ``y = x W^T`` (``M`` rows, weight ``N x K``) and the layer's input
     gradient ``G W`` decode each weight tile in registers for every tile of ``BLOCK_M`` rows,
-    then feed it to ``tl.dot``. Per multiprocessor and clock (the clock cancels again) it needs
-    at least
+    then feed it to ``tl.dot``. Per multiprocessor and clock (the clock cancels again) the
+    kernel needs at least
 
-    - tensor clocks ``2 M N K / (tensor_flops_per_clock * SMs)``: the multiply-adds at the
-      dense bf16 tensor-core rate;
-    - issue clocks ``per_item * N K * ceil(M / BLOCK_M) / (128 * SMs)``: ``per_item`` is the
-      compiled main loop's thread-instructions per weight of one tile (the report's count for
-      that case on sm_90: the decode, the loads, the shared-memory stores and the ``tl.dot``
-      instructions themselves), spent once per row tile;
+    - tensor clocks ``2 M' N K / tensor_flops_per_clock``: the multiply-adds at the dense bf16
+      tensor-core rate (``M'`` is ``M`` rounded up to whole row tiles: padded rows cost too);
+    - issue clocks ``per_item * N K * ceil(M / BLOCK_M) / 128``: ``per_item`` is the compiled
+      main loop's thread-instructions per weight of one tile (the report's count for that case
+      on sm_90: the decode, the loads, the shared-memory stores and the ``tl.dot`` instructions
+      themselves), spent once per row tile;
     - memory clocks ``bytes / (bytes_per_clock * SMs)``: the packed weight, ``x`` and ``y``
       once (``bytes_per_item``; row tiles re-reading the weight are assumed to hit L2).
 
-    Two predictions bracket it: **overlapped** (the larger of the three: the decode hides
-    behind the tensor cores perfectly) and **serial** (tensor plus issue: no overlap at all).
-    The dense bf16 GEMM it is compared with is modelled the same way with no decode: the larger
-    of its tensor clocks and its memory clocks (``2 N K + 2 M K + 2 M N`` bytes), i.e. a dense
-    GEMM at the peak rate, which cuBLAS approaches but does not reach: the fraction is the
-    fused kernel's against an ideal dense GEMM.
+    Whole programs run on multiprocessors: with ``P`` programs (the launch's grid), ``c`` of
+    them resident on a multiprocessor at once (the report's ``programs_per_sm``, from the
+    compiled registers, shared memory and warps, capped at ``ceil(P / SMs)``), the launch runs
+    in ``ceil(P / (SMs * c))`` waves of ``c`` programs, each program carrying ``1 / P`` of the
+    tensor and issue clocks. Within a multiprocessor two bounds bracket the time:
+    **overlapped** (the larger of its programs' tensor and issue clocks: one program's decode
+    runs while another's tensor-core products run) and **serial** (their sum: no overlap). The
+    compiled code decides which applies, and the **predicted** column follows it: a program's
+    main loop waits for its own ``wgmma`` before decoding the next tile (the report's
+    ``loop_dot_waits`` are all 0), so one program alone is serial, and two or more resident
+    programs overlap (as would one whose waits leave products in flight). The dense bf16 GEMM
+    it is compared with is an ideal one: the larger of its tensor clocks and its memory clocks
+    (``2 N K + 2 M K + 2 M N`` bytes) spread evenly over all multiprocessors, which cuBLAS
+    approaches but does not reach: the fraction is the fused kernel's against an ideal dense
+    GEMM. What the model leaves out: latency, pipeline bubbles between two resident programs
+    (perfect interleaving is assumed), the ``wgmma`` issue constraints, L2 misses, clocks
+    lowered by power, and shared-memory bandwidth: a ``wgmma`` reading both operands from
+    shared memory on a 64-wide weight tile reads about 128 bytes per tensor clock, as much as a
+    multiprocessor's shared memory delivers (``docs/kernels.md``, the GEMM model).
 
     ``tensor_flops_per_clock = 4096`` dense bf16 floating-point operations per clock per
     multiprocessor on sm_90 (H100 and H200, the same GH100 multiprocessor): the NVIDIA H100
@@ -56,7 +69,7 @@ Note: the tensor-core model
     datasheet gives the same 989 TFLOP/s (1,979 with sparsity).
 
     The layer (``layer_prediction``): a QLoRA layer's forward and backward at ``T`` tokens is
-    ``x W^T`` (fused GEMM) + ``G W`` (fused transposed GEMM) + the adapter's six products
+    ``x W^T`` (fused GEMM) + ``G W`` (fused transposed GEMM), each as above, + the adapter's six products
     (``6 T r (K + N)`` operations, at the tensor rate, the same in both layers); the bf16-base
     LoRA layer replaces the two fused GEMMs with dense ones. The alternative the issue names,
     decoding the whole weight to bf16 twice per step and running dense GEMMs, is modelled too:
@@ -175,8 +188,12 @@ def dense_gemm_clocks(M: int, N: int, K: int, gpu: str, itemsize: int = 2) -> di
 def gemm_clocks(row: dict, gpu: str) -> dict:
     """Clocks of a fused 4-bit GEMM report row (``matmul`` past 16 rows, or ``matmul_t``).
 
-    Returns tensor, issue and memory clocks, ``overlapped`` (their maximum) and ``serial``
-    (tensor + issue, or memory if larger), and the bound of the overlapped prediction.
+    Returns the whole kernel's ``tensor``, ``issue`` and ``memory`` clocks spread evenly over
+    the multiprocessors (the ideal), the launch's ``waves`` and resident ``programs_per_sm``,
+    and three predictions that place whole programs on multiprocessors (Note: the tensor-core
+    model): ``overlapped``, ``serial`` and ``predicted`` (overlapped when two or more programs
+    share a multiprocessor, serial otherwise), each at least the memory clocks; ``bound`` names
+    what limits ``predicted``.
 
     Examples
     --------
@@ -185,17 +202,37 @@ def gemm_clocks(row: dict, gpu: str) -> dict:
     >>> c = gemm_clocks(row, "H200")
     >>> c["bound"], round(c["issue"] / c["tensor"], 2)
     ('issue', 3.38)
+    >>> two = gemm_clocks({**row, "per_item": 10.0, "constexprs": {"BLOCK_M": 256}, "grid": [64, 1, 8],
+    ...                    "programs_per_sm": 2}, "H200")
+    >>> two["waves"], two["programs_per_sm"], two["bound"], round(two["predicted"] / two["tensor"], 3)
+    (2, 2, 'tensor', 1.031)
     """
     bytes_per_clock, sms = _per_sm_clock(gpu)
     N, K = row["shape"]
     M = row["rows"]
     tiles_m = -(-M // row["constexprs"]["BLOCK_M"])
-    tensor = 2 * M * N * K / (TENSOR_FLOPS_PER_CLOCK * sms)
-    issue = row["per_item"] * N * K * tiles_m / (ISSUE_PER_CLOCK * sms)
+    tensor = 2 * tiles_m * row["constexprs"]["BLOCK_M"] * N * K / TENSOR_FLOPS_PER_CLOCK  # padded rows count
+    issue = row["per_item"] * N * K * tiles_m / ISSUE_PER_CLOCK
     memory = bytes_per_item(row) * N * K / (bytes_per_clock * sms)
-    parts = {"tensor": tensor, "issue": issue, "memory": memory}
-    return dict(parts, tiles_m=tiles_m, overlapped=max(parts.values()), serial=max(tensor + issue, memory),
-                bound=max(parts, key=parts.get))
+    if "grid" in row:  # whole programs on multiprocessors, in waves
+        programs = 1
+        for g in row["grid"]:
+            programs *= g
+        per_sm = max(1, min(row.get("programs_per_sm", 1), -(-programs // sms)))
+        waves = -(-programs // (sms * per_sm))
+        slots = waves * per_sm  # program-times one multiprocessor spends
+        t_p, i_p = tensor / programs, issue / programs
+    else:  # the work spread evenly (no launch recorded)
+        per_sm, waves, slots = max(1, row.get("programs_per_sm", 1)), 1, 1
+        t_p, i_p = tensor / sms, issue / sms
+    overlapped = max(slots * max(t_p, i_p), memory)
+    serial = max(slots * (t_p + i_p), memory)
+    in_flight = any(n > 0 for n in row.get("loop_dot_waits", []))  # a program's own products overlap its decode
+    predicted = overlapped if per_sm >= 2 or in_flight else serial
+    parts = {"tensor": slots * t_p, "issue": slots * i_p, "memory": memory}
+    bound = "memory" if predicted == memory else max(("tensor", "issue"), key=parts.get)
+    return dict(tensor=tensor / sms, issue=issue / sms, memory=memory, tiles_m=tiles_m, waves=waves,
+                programs_per_sm=per_sm, overlapped=overlapped, serial=serial, predicted=predicted, bound=bound)
 
 
 def decode_clocks(row: dict, gpu: str) -> float:
@@ -215,14 +252,14 @@ def gemm_prediction(row: dict, gpu: str) -> dict:
     >>> row = {"kind": "matmul", "rows": 2048, "shape": [4096, 14336], "per_item": 13.5,
     ...        "constexprs": {"BLOCK_M": 64}}
     >>> p = gemm_prediction(row, "H200")
-    >>> round(p["overlapped"], 2), round(p["serial"], 2)
-    (0.3, 0.23)
+    >>> round(p["overlapped"], 2), round(p["serial"], 2), p["predicted"] == p["serial"]
+    (0.3, 0.23, True)
     """
     N, K = row["shape"]
     dense = dense_gemm_clocks(row["rows"], N, K, gpu)["clocks"]
     fused = gemm_clocks(row, gpu)
-    return dict(overlapped=dense / fused["overlapped"], serial=dense / fused["serial"], bound=fused["bound"],
-                tiles_m=fused["tiles_m"])
+    return dict(overlapped=dense / fused["overlapped"], serial=dense / fused["serial"],
+                predicted=dense / fused["predicted"], bound=fused["bound"], tiles_m=fused["tiles_m"])
 
 
 def layer_prediction(forward: dict, backward: dict, decode: dict, gpu: str, rank: int = 16) -> dict:
@@ -250,4 +287,5 @@ def layer_prediction(forward: dict, backward: dict, decode: dict, gpu: str, rank
     f, b = gemm_clocks(forward, gpu), gemm_clocks(backward, gpu)
     return dict(fused_overlapped=(f["overlapped"] + b["overlapped"] + adapter) / dense,
                 fused_serial=(f["serial"] + b["serial"] + adapter) / dense,
+                fused_predicted=(f["predicted"] + b["predicted"] + adapter) / dense,
                 decode_then_dense=(2 * decode_clocks(decode, gpu) + dense) / dense)

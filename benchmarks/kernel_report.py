@@ -18,7 +18,12 @@ ships in the Triton wheel. Per configuration and architecture the report holds:
   quantize) or weights (product) one thread handles per trip;
 - ``loads``/``stores``: global loads and stores in the main loop by width in bytes;
 - ``contractions``: floating-point multiply-adds the compiler made that the kernel did not
-  write (Note: counting contractions).
+  write (Note: counting contractions);
+- ``loop_dot_waits``: the tensor-core groups each ``wgmma`` wait in the main loop leaves in
+  flight (sm_90; ``WARPGROUP.DEPBAR.LE gsb0, n``): all 0 means a program waits for its own
+  products before decoding the next tile, so only another resident program can overlap them;
+- ``programs_per_sm``: programs of the launch resident on one multiprocessor at once, from the
+  registers, shared memory and warps (``programs_per_sm``).
 
 Note: counting contractions
     The oracle rounds every float32 product and sum on its own. A kernel compiled with
@@ -63,11 +68,12 @@ from triton.runtime.jit import create_function_from_signature  # a Triton intern
 from qlora_gpu.kernels.dequantize import dequantize_4bit_triton
 from qlora_gpu.kernels.matmul import CONFIGS, MatmulConfig, matmul_4bit_t_triton, matmul_4bit_triton
 from qlora_gpu.kernels.quantize import double_quantize_triton, quantize_4bit_triton
+from qlora_gpu.kernels.util import compiling_for
 from qlora_gpu.state import BLOCKSIZES, NestedAbsmax, QuantState
 
 __all__ = ["Case", "cases", "capture_launches", "compile_launch", "analyse", "run", "main", "ARCHS",
            "SHARED_PER_BLOCK", "KERNEL_FILES", "source_hash", "tool_path", "problems",
-           "parse_sass", "main_loop", "Launch"]
+           "parse_sass", "main_loop", "Launch", "programs_per_sm", "SM_LIMITS"]
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Compute capabilities compiled: 80 = A100, 90 = H100/H200.
@@ -158,7 +164,8 @@ def cases(full: bool = False) -> list:
         Case("decode nf4 b64 dq -> bfloat16", "decode", (("dtype", "bfloat16"),), True),
         Case("quantize bfloat16 b64", "quantize", (("dtype", "bfloat16"),), True),
         Case("double_quantize 256", "double_quantize", (), True),
-    ] + [Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16")), True) for m in (1, 4, 16)] + [
+    ] + [Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16")), True)
+         for m in (1, 4, 16, 512, 2048)] + [
         Case("split-K reduce M=16 bfloat16", "splitk_reduce", (("rows", 16), ("dtype", "bfloat16")), True),
         Case("matmul_t M=512 bfloat16", "matmul_t", (("rows", 512), ("dtype", "bfloat16")), True)]
     if not full:
@@ -175,10 +182,11 @@ def cases(full: bool = False) -> list:
         for dt in ("bfloat16", "float16", "float32"):
             if (bs, dt) != (64, "bfloat16"):
                 more.append(Case(f"quantize {dt} b{bs}", "quantize", (("blocksize", bs), ("dtype", dt))))
-    for m in (2, 8, 512, 2048):  # past 16 rows: tensor cores on row tiles of 64 (training)
+    for m in (2, 8, 64):  # more row counts (2048 and 512, training, are defaults)
         more.append(Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16"))))
     for m in (16, 2048):
         more.append(Case(f"matmul_t M={m} bfloat16", "matmul_t", (("rows", m), ("dtype", "bfloat16"))))
+    more.append(Case("matmul_t M=2048 float32", "matmul_t", (("rows", 2048), ("dtype", "float32"))))
     for m in (1, 16):
         for dt in ("float16", "float32"):
             more.append(Case(f"matmul M={m} {dt}", "matmul", (("rows", m), ("dtype", dt))))
@@ -340,12 +348,37 @@ def analyse(compiled, arch: int) -> dict:
         instructions=len(instrs), loop_instructions=len(loop), has_loop=is_loop,
         loop_shuffles=sum(op.startswith("SHFL") for _, op, _, _ in loop),
         loop_barriers=sum(op.startswith("BAR") for _, op, _, _ in loop),
+        loop_dot_waits=[int(m.group(1), 16) for _, op, operands, _ in loop if op.startswith("WARPGROUP.DEPBAR")
+                        for m in [re.search(r"0x([0-9a-f]+)", operands)] if m],
         loads={str(k): v for k, v in sorted(loads.items())}, stores={str(k): v for k, v in sorted(stores.items())},
         ptx_fma=len(re.findall(r"^\s*(?:fma|mad)\.rn[a-z.]*\.f(?:16|32|64)\b", ptx, re.M)),
         ptx_contractible=len(re.findall(r"^\s*(?:mul|add|sub)\.f(?:32|64)\b", ptx, re.M)),
         sass_fma=sum(op.startswith(("FFMA", "DFMA")) for op in ops),
         enable_fp_fusion=bool(compiled.metadata.enable_fp_fusion),
     )
+
+
+#: Per multiprocessor: registers, shared memory (bytes), warps, resident programs (CUDA C++
+#: Programming Guide, "Technical Specifications per Compute Capability", 8.0 and 9.0), and
+#: the shared memory the system reserves per program (1 KB on both).
+SM_LIMITS = {80: dict(registers=65536, shared=164 * 1024, warps=64, programs=32, reserved=1024),
+             90: dict(registers=65536, shared=228 * 1024, warps=64, programs=32, reserved=1024)}
+
+
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, arch: int) -> int:
+    """Programs (thread blocks) of one kernel that fit on a multiprocessor at once.
+
+    Registers are allocated per warp in units of 256 (a thread's count rounded up to 8).
+
+    Examples
+    --------
+    >>> programs_per_sm(128, 8, 76288, 90), programs_per_sm(129, 8, 76288, 90), programs_per_sm(64, 4, 120000, 90)
+    (2, 1, 1)
+    """
+    lim = SM_LIMITS[arch]
+    by_regs = lim["registers"] // (-(-registers // 8) * 8 * 32 * num_warps)
+    by_shared = lim["shared"] // (shared_bytes + lim["reserved"])
+    return max(0, min(by_regs, by_shared, lim["warps"] // num_warps, lim["programs"]))
 
 
 def _per_thread_items(kind: str, constexprs: dict, num_warps: int) -> int:
@@ -367,33 +400,46 @@ _KIND_OF = {"dequantize_4bit_kernel": "decode", "quantize_4bit_kernel": "quantiz
             "splitk_reduce_kernel": "splitk_reduce", "matmul_4bit_t_kernel": "matmul_t"}
 
 
+#: Launch keywords that are compiler options, not constexprs.
+_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")
+
+
 def report_case(case: Case, archs=ARCHS) -> list:
     """Compile every launch ``case`` makes, for each architecture; one row per launch and arch."""
     rows = []
-    for launch in capture_launches(case.call):
-        constexprs = {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages", "enable_fp_fusion")}
+    for arch in archs:
+        with compiling_for(divmod(arch, 10)):  # the configuration the launcher picks on that GPU
+            launches = capture_launches(case.call)
+        rows += _report_launches(case, launches, arch)
+    return rows
+
+
+def _report_launches(case: Case, launches: list, arch: int) -> list:
+    rows = []
+    for launch in launches:
+        constexprs = {k: v for k, v in launch.kwargs.items() if k not in _OPTIONS}
         num_warps = launch.kwargs.get("num_warps", 4)
         kind = _KIND_OF[launch.kernel_name]
         if case.kind != kind:  # a wrapper that launches another kernel first (e.g. decode + linear)
             continue
-        for arch in archs:
-            compiled = compile_launch(launch, arch)
-            row = analyse(compiled, arch)
-            contractions = 0
-            if row["enable_fp_fusion"]:
-                unfused = analyse(compile_launch(launch, arch, enable_fp_fusion=False), arch)
-                contractions = max(row["ptx_fma"] - unfused["ptx_fma"], row["sass_fma"] - unfused["sass_fma"])
-            items = _per_thread_items(kind, constexprs, num_warps)
-            p = dict(case.params)
-            rows.append(dict(
-                case=case.name, kind=kind, default=case.default, kernel=launch.kernel_name, arch=arch,
-                shape=list(p.get("shape", SHAPE)), blocksize=p.get("blocksize", 64), dtype=p.get("dtype", "bfloat16"),
-                double_quant=p.get("double_quant", True), rows=p.get("rows"),
-                grid=list(launch.grid), num_warps=num_warps,
-                constexprs={k: v for k, v in constexprs.items() if isinstance(v, (int, str, bool))},
-                items_per_thread=items, per_item=round(row["loop_instructions"] / items, 2),
-                contractions=contractions, shared_limit=SHARED_PER_BLOCK[arch], **row,
-            ))
+        compiled = compile_launch(launch, arch)
+        row = analyse(compiled, arch)
+        contractions = 0
+        if row["enable_fp_fusion"]:
+            unfused = analyse(compile_launch(launch, arch, enable_fp_fusion=False), arch)
+            contractions = max(row["ptx_fma"] - unfused["ptx_fma"], row["sass_fma"] - unfused["sass_fma"])
+        items = _per_thread_items(kind, constexprs, num_warps)
+        p = dict(case.params)
+        rows.append(dict(
+            case=case.name, kind=kind, default=case.default, kernel=launch.kernel_name, arch=arch,
+            shape=list(p.get("shape", SHAPE)), blocksize=p.get("blocksize", 64), dtype=p.get("dtype", "bfloat16"),
+            double_quant=p.get("double_quant", True), rows=p.get("rows"),
+            grid=list(launch.grid), num_warps=num_warps,
+            constexprs={k: v for k, v in constexprs.items() if isinstance(v, (int, str, bool))},
+            items_per_thread=items, per_item=round(row["loop_instructions"] / items, 2),
+            contractions=contractions, shared_limit=SHARED_PER_BLOCK[arch],
+            programs_per_sm=programs_per_sm(row["registers"], num_warps, row["shared_bytes"], arch), **row,
+        ))
     return rows
 
 

@@ -55,5 +55,37 @@ def test_docs_fragment_is_made_from_the_committed_report():
     row = next(r for r in doc["rows"] if r["case"] == "matmul M=2048 bfloat16" and r["arch"] == 90)
     fragment = (ROOT / "docs" / "generated" / "kernels_gemm_model.md").read_text()
     for gpu in km.GPUS:
-        assert f"{km.gemm_prediction(row, gpu)['overlapped']:.0%}" in fragment
+        assert f"**{km.gemm_prediction(row, gpu)['predicted']:.0%}**" in fragment
     assert "generated/kernels_gemm_model.md" in (ROOT / "docs" / "kernels.md").read_text()
+
+
+def test_placement_decides_between_serial_and_overlapped():
+    """One program per multiprocessor waits for its own products: serial. Two resident programs,
+    or a wait that leaves products in flight, overlap. Waves round the launch up."""
+    row = {**ROW, "per_item": 10.0, "constexprs": {"BLOCK_M": 256}, "grid": [64, 1, 8]}
+    alone = km.gemm_clocks({**row, "programs_per_sm": 1}, "H200")
+    shared = km.gemm_clocks({**row, "programs_per_sm": 2}, "H200")
+    in_flight = km.gemm_clocks({**row, "programs_per_sm": 1, "loop_dot_waits": [1]}, "H200")
+    assert alone["predicted"] == alone["serial"] > alone["overlapped"]
+    assert shared["predicted"] == shared["overlapped"] < shared["serial"]
+    assert in_flight["predicted"] == in_flight["overlapped"]
+    assert alone["waves"] == 4 and shared["waves"] == 2  # 512 programs on 132 multiprocessors
+    # 512 programs in 2 waves of 264 slots: the ideal spread, times 528 / 512
+    assert shared["overlapped"] == pytest.approx(max(shared["tensor"], shared["issue"]) * 528 / 512)
+    few = km.gemm_clocks({**row, "grid": [64, 1, 1], "programs_per_sm": 2}, "H200")  # 64 programs: one per SM
+    assert few["programs_per_sm"] == 1 and few["predicted"] == few["serial"]
+
+
+def test_committed_report_meets_the_gemm_targets_in_the_model():
+    """Issue 13, item 4, as the model predicts it from the committed sm_90 code: the fused GEMM at
+    2048 rows reaches at least 70% of an ideal dense bf16 GEMM, the layer at 512 tokens at most
+    1.15x a bf16-base LoRA layer; the programs behind the prediction share a multiprocessor."""
+    doc = json.loads((ROOT / "benchmarks" / "results" / "kernels.json").read_text())
+    rows = {r["case"]: r for r in doc["rows"] if r["arch"] == 90}
+    fwd, fwd512, bwd512 = rows["matmul M=2048 bfloat16"], rows["matmul M=512 bfloat16"], rows["matmul_t M=512 bfloat16"]
+    dec = rows["decode nf4 b64 dq -> bfloat16"]
+    for r in (fwd, fwd512, bwd512):
+        assert r["programs_per_sm"] >= 2 and not any(r["loop_dot_waits"]), r["case"]
+    for gpu in km.GPUS:
+        assert km.gemm_prediction(fwd, gpu)["predicted"] >= 0.70
+        assert km.layer_prediction(fwd512, bwd512, dec, gpu)["fused_predicted"] <= 1.15

@@ -64,6 +64,17 @@ def test_default_configurations_are_clean(default_report):
 
 
 @needs_tools
+def test_gemm_programs_share_a_multiprocessor(default_report):
+    """The GEMM model's prediction rests on two programs per sm_90 multiprocessor (the launchers'
+    register cap): the compiled training-size products must keep it."""
+    doc, _ = default_report
+    gemms = [r for r in doc["rows"] if r["arch"] == 90 and r["kind"] in ("matmul", "matmul_t") and r["rows"] > 16]
+    assert {r["rows"] for r in gemms} >= {512, 2048}
+    for r in gemms:
+        assert r["programs_per_sm"] >= 2, f"{r['case']}: {r['registers']} registers, {r['shared_bytes']} B shared"
+
+
+@needs_tools
 def test_the_contraction_check_can_fail(tmp_path):
     """A kernel computing ``a * b + c`` contracts to one fma with fusion on (counted), not with it off."""
     (tmp_path / "axpy_kernels.py").write_text(
