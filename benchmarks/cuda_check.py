@@ -363,7 +363,7 @@ def time_kernels(shape, rows_list, device="cuda", quick: bool = False) -> tuple[
                  "torch bf16 linear (dense W)": lambda x=x: F.linear(x, W)}
         if M == 1:
             cases["bnb gemv_4bit"] = lambda x=x: bnb_F.gemv_4bit(x, packed_b.t(), state=qs)
-        for cfg in () if quick else CONFIGS:
+        for cfg in () if quick or M > GEMM_ROWS else CONFIGS:  # the sweep's tiles are for up to 16 rows
             if cfg[3] == (M > 1):  # tensor cores for two rows or more, CUDA cores for one
                 cases[f"triton fused {tuple(cfg)}"] = lambda x=x, cfg=cfg: matmul_4bit_triton(x, flat, state, config=cfg)
         need = bytes_moved_matmul(state, M, torch.bfloat16)

@@ -187,13 +187,15 @@ def cases(full: bool = False) -> list:
     for m in (16, 2048):
         more.append(Case(f"matmul_t M={m} bfloat16", "matmul_t", (("rows", m), ("dtype", "bfloat16"))))
     more.append(Case("matmul_t M=2048 float32", "matmul_t", (("rows", 2048), ("dtype", "float32"))))
+    for kind in ("matmul", "matmul_t"):  # offsets past 2^31: the 64-bit row offsets (WIDE)
+        more.append(Case(f"{kind} M=262144 bfloat16", kind, (("rows", 262144), ("dtype", "bfloat16"))))
     for m in (1, 16):
         for dt in ("float16", "float32"):
             more.append(Case(f"matmul M={m} {dt}", "matmul", (("rows", m), ("dtype", dt))))
-    for cfg in CONFIGS:  # CUDA cores take one row, tensor cores any other count
-        m = 16 if cfg[3] else 1
-        more.append(Case(f"matmul M={m} bfloat16 sweep {tuple(cfg)}", "matmul",
-                         (("rows", m), ("dtype", "bfloat16"), ("config", tuple(cfg)))))
+    for cfg in CONFIGS:  # CUDA cores take one row, tensor cores any other count (64-row tiles past 16)
+        for m in (16, 2048) if cfg[3] else (1,):
+            more.append(Case(f"matmul M={m} bfloat16 sweep {tuple(cfg)}", "matmul",
+                             (("rows", m), ("dtype", "bfloat16"), ("config", tuple(cfg)))))
     return dflt + more
 
 

@@ -212,6 +212,32 @@ def test_fused_matmul_takes_leading_dimensions(device):
     assert torch.allclose(y, G.matmul_4bit(x, packed, state, backend="torch"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_matmul_takes_a_strided_bias(device):
+    """A bias that is a view with a stride (every second value) is read as the view, not as memory."""
+    packed, state = G.quantize_4bit(torch.randn(40, 128, device=device), blocksize=64, double_quant=True)
+    x = torch.randn(20, 128, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(80, device=device, dtype=torch.bfloat16)[::2]
+    y = G.matmul_4bit(x, packed, state, bias=bias, backend="triton")
+    want = G.matmul_4bit(x, packed, state, bias=bias.contiguous(), backend="triton")
+    assert_bit_equal(y, want, "strided bias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_matmuls_with_64_bit_row_offsets(device, monkeypatch):
+    """The 64-bit offsets that inputs past 2^31 elements get (``WIDE``) compute the same values."""
+    from qlora_gpu.kernels import matmul as kernels
+
+    packed, state = G.quantize_4bit(torch.randn(70, 256, device=device), blocksize=64, double_quant=True)
+    x = torch.randn(130, 256, device=device, dtype=torch.bfloat16)
+    g = torch.randn(130, 70, device=device, dtype=torch.bfloat16)
+    narrow = (G.matmul_4bit(x, packed, state, backend="triton"), G.matmul.matmul_4bit_t(g, packed, state, backend="triton"))
+    monkeypatch.setattr(kernels, "_wide", lambda *extents: True)
+    wide = (G.matmul_4bit(x, packed, state, backend="triton"), G.matmul.matmul_4bit_t(g, packed, state, backend="triton"))
+    assert_bit_equal(wide[0], narrow[0], "x W^T, 64-bit offsets")
+    assert_bit_equal(wide[1], narrow[1], "g W, 64-bit offsets")
+
+
 def test_default_config_fills_a_large_gpu():
     block_n, block_k, split_k, use_dot, _ = default_config(1, 4096, 14336)
     assert -(-4096 // block_n) * split_k >= 256 and not use_dot

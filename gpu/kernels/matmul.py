@@ -141,6 +141,7 @@ def matmul_4bit_kernel(
     NESTED: tl.constexpr,  # nested block size, 0 without double quantization
     ALIGNED: tl.constexpr,  # K % BLOCKSIZE == 0
     EVEN_K: tl.constexpr,  # K % (SPLIT_K * BLOCK_K) == 0: no tile reaches past K, nothing to mask
+    WIDE: tl.constexpr,  # offsets into x or the output reach 2^31 (64-bit row offsets)
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -155,6 +156,8 @@ def matmul_4bit_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of x this program multiplies
+    if WIDE:  # offsets into x or the output reach 2^31: compute them in 64 bits
+        offs_m = offs_m.to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     # Rows of x past M and rows of W past N are read again from the last one (their results are
     # never stored): the loads need no mask. Only K, the sum's dimension, is masked (not EVEN_K).
@@ -270,6 +273,7 @@ def matmul_4bit_t_kernel(
     NESTED: tl.constexpr,
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no weight tile reaches past N, nothing to mask
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no tile reaches past K
+    WIDE: tl.constexpr,  # offsets into g or the output reach 2^31 (64-bit row offsets)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -287,6 +291,8 @@ def matmul_4bit_t_kernel(
     G: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1  # blocks per tile row
     k0 = tl.program_id(0) * BLOCK_K
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:  # offsets into g or the output reach 2^31: compute them in 64 bits
+        offs_m = offs_m.to(tl.int64)
     rows_g = tl.minimum(offs_m, M - 1)
     j = k0 // 2 + tl.arange(0, HALF_K)  # (HALF_K,) byte column
     blk_col = k0 // BLOCKSIZE + tl.arange(0, G)  # (G,) block column
@@ -353,6 +359,7 @@ def matmul_4bit_t_triton(g2d: torch.Tensor, flat: torch.Tensor, state) -> torch.
             g2d, flat, _pair_table(state.codebook), absmax, nested_absmax, nested_code, offset, out,
             M, N, K, K // 2, K // state.blocksize, g2d.stride(0),
             BLOCKSIZE=state.blocksize, NESTED=nested, EVEN_N=(N % block_n == 0), EVEN_K=(K % block_k == 0),
+            WIDE=_wide(M * g2d.stride(0), M * K),
             BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_K=block_k,
             PRECISION="ieee" if g2d.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
@@ -400,34 +407,47 @@ CONFIGS = [
 ]
 
 
+def _wide(*extents: int) -> bool:
+    """Whether element offsets up to these extents (plus a tile) need 64 bits: the kernels
+    compute row offsets in 32 bits otherwise, which is cheaper in the main loop.
+
+    Examples
+    --------
+    >>> _wide(2048 * 14336, 2048 * 4096), _wide(150_000 * 14336)
+    (False, True)
+    """
+    return max(extents) + 2**20 >= 2**31
+
+
 def row_tile(M: int, cap: tuple = (9, 0)) -> int:
     """Rows of ``x`` (or ``g``) one tensor-core program multiplies on a GPU of compute
     capability ``cap``: the weight tile it decodes serves that many rows, so larger tiles spend
     fewer decode instructions per product. sm_90 (H100/H200) takes up to 256 (its ``wgmma``
-    keeps the accumulator within 128 registers per thread); earlier GPUs 64, beyond which
-    ``mma.sync`` code spills (``docs/kernels.md``).
+    keeps the accumulator within 128 registers per thread); other GPUs 64: beyond it their
+    ``mma.sync`` code spills (sm_80, sm_120), and sm_100's tensor-core code has not been
+    studied here (``docs/kernels.md``).
 
     Examples
     --------
     >>> [row_tile(m) for m in (2, 16, 17, 64, 65, 512, 1024, 1025, 2048)]
     [16, 16, 64, 64, 128, 128, 128, 256, 256]
-    >>> row_tile(2048, (8, 0))
-    64
+    >>> row_tile(2048, (8, 0)), row_tile(2048, (12, 0))
+    (64, 64)
     """
     if M <= 16:
         return 16
-    if cap < (9, 0) or M <= 64:
+    if cap[0] != 9 or M <= 64:
         return 64
     return 128 if M <= 1024 else 256
 
 
 def _gemm_options(block_m: int, cap: tuple) -> dict:
-    """Compiler options of a tensor-core launch past 64 rows on sm_90: two stages of software
+    """Compiler options of a default tensor-core launch past 64 rows on sm_90: two stages of software
     pipelining and at most 128 registers per thread, so that two programs of 8 warps fit on one
     multiprocessor (65,536 registers) and one decodes while the other's tensor-core products
     run (``docs/kernels.md``, the GEMM model). Nothing under the interpreter, which has no
     compiler, nor elsewhere (Triton's defaults)."""
-    if block_m <= 64 or cap < (9, 0) or interpreting():
+    if block_m <= 64 or cap[0] != 9 or interpreting():
         return {}
     return dict(num_stages=2, maxnreg=128)
 
@@ -492,7 +512,9 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
     """Run ``matmul_4bit_kernel``: ``y (M, N) = x2d (M, K) @ W^T (+ bias)`` in ``x2d.dtype``.
 
     Called by ``qlora_gpu.matmul_4bit`` for even ``K``, which validates
-    the inputs. ``config`` (a ``MatmulConfig``) overrides ``default_config``.
+    the inputs. ``config`` (a ``MatmulConfig``) overrides ``default_config``; with it the rows
+    come in tiles of 16 (up to 16 rows) or 64 and Triton's default compiler options apply (the
+    benchmark sweep's tiles), whereas the default configuration takes ``row_tile(M)`` rows.
 
     Examples
     --------
@@ -507,9 +529,17 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
     cap = capability(x2d.device)
     block_n, block_k, split_k, use_dot, num_warps = config or default_config(M, N, K, cap, x2d.dtype)
     use_dot = use_dot or M > 1  # the CUDA-core path takes one row (Note: the one-row product's weights)
-    block_m = (16 if x2d.dtype == torch.float32 else row_tile(M, cap)) if use_dot else 1
+    if not use_dot:
+        block_m = 1
+    elif config is not None or x2d.dtype == torch.float32:  # a sweep's tile, or full-precision dots: small
+        block_m = 16 if M <= 16 else 64
+    else:
+        block_m = row_tile(M, cap)
+    options = _gemm_options(block_m, cap) if config is None and x2d.dtype != torch.float32 else {}
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
     if split_k == 1:
         out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     else:
@@ -522,11 +552,12 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
             x2d, flat, _pair_table(state.codebook), absmax, nested_absmax, nested_code, offset,
             bias if bias is not None else state.codebook, out, M, N, K, K // 2, K // state.blocksize, x2d.stride(0),
             BLOCKSIZE=state.blocksize, NESTED=nested, ALIGNED=(K % state.blocksize == 0),
-            EVEN_K=(K % (split_k * block_k) == 0), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            EVEN_K=(K % (split_k * block_k) == 0), WIDE=_wide(M * x2d.stride(0), split_k * M * N),
+            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=use_dot,
             PRECISION="ieee" if x2d.dtype == torch.float32 or dot_in_fp32 else "tf32",
             DOT_IN_FP32=dot_in_fp32, BITWISE=interpreting(), num_warps=num_warps, enable_fp_fusion=False,
-            **_gemm_options(block_m, cap),
+            **options,
         )
     if split_k == 1:
         return out
