@@ -60,7 +60,9 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state, *, bias=None, back
         Added in float32 before the final rounding (fused kernel) or by ``linear``.
     backend : {"auto", "torch", "triton"}
     config : qlora_gpu.kernels.matmul.MatmulConfig, optional
-        Launch configuration of the fused kernel.
+        Launch configuration of the fused kernel (a benchmark sweep's); rows then come in tiles
+        of 16, or 64 past 16 rows. Without it the kernel's ``default_config`` and ``row_tile``
+        choose for the GPU.
 
     Returns
     -------
