@@ -164,9 +164,13 @@ def matmul_4bit_kernel(
     rows_x = tl.minimum(offs_m, M - 1)
     rows_w = tl.minimum(offs_n, N - 1)
     x_dtype = x_ptr.dtype.element_ty
-    k_chunk = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_chunk
-    k_end = tl.minimum(k_start + k_chunk, K)
+    if SPLIT_K == 1:  # the whole of K (bounds the compiler can see)
+        k_start = 0
+        k_end = K
+    else:
+        k_chunk = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+        k_start = pid_k * k_chunk
+        k_end = tl.minimum(k_start + k_chunk, K)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         table = tl.load(pair_ptr + tl.arange(0, 256))  # the pair table, held for the whole loop
