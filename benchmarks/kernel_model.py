@@ -78,6 +78,8 @@ Note: the tensor-core model
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["GPUS", "ISSUE_PER_CLOCK", "bytes_per_item", "predict", "BUDGETS", "budget", "TENSOR_FLOPS_PER_CLOCK",
            "gemm_clocks", "dense_gemm_clocks", "decode_clocks", "gemm_prediction", "layer_prediction"]
 
@@ -189,8 +191,9 @@ def gemm_clocks(row: dict, gpu: str) -> dict:
     """Clocks of a fused 4-bit GEMM report row (``matmul`` past 16 rows, or ``matmul_t``).
 
     Returns the whole kernel's ``tensor``, ``issue`` and ``memory`` clocks spread evenly over
-    the multiprocessors (the ideal), the launch's ``waves`` and resident ``programs_per_sm``,
-    and three predictions that place whole programs on multiprocessors (Note: the tensor-core
+    the multiprocessors (the ideal), the launch's ``programs`` (None without a grid),
+    ``waves`` and resident ``programs_per_sm``, and three predictions that place whole
+    programs on multiprocessors (Note: the tensor-core
     model): ``overlapped``, ``serial`` and ``predicted`` (overlapped when two or more programs
     share a multiprocessor, serial otherwise), each at least the memory clocks; ``bound`` names
     what limits ``predicted``.
@@ -215,15 +218,13 @@ def gemm_clocks(row: dict, gpu: str) -> dict:
     issue = row["per_item"] * N * K * tiles_m / ISSUE_PER_CLOCK
     memory = bytes_per_item(row) * N * K / (bytes_per_clock * sms)
     if "grid" in row:  # whole programs on multiprocessors, in waves
-        programs = 1
-        for g in row["grid"]:
-            programs *= g
+        programs = math.prod(row["grid"])
         per_sm = max(1, min(row.get("programs_per_sm", 1), -(-programs // sms)))
         waves = -(-programs // (sms * per_sm))
         slots = waves * per_sm  # program-times one multiprocessor spends
         t_p, i_p = tensor / programs, issue / programs
     else:  # the work spread evenly (no launch recorded)
-        per_sm, waves, slots = max(1, row.get("programs_per_sm", 1)), 1, 1
+        programs, per_sm, waves, slots = None, max(1, row.get("programs_per_sm", 1)), 1, 1
         t_p, i_p = tensor / sms, issue / sms
     overlapped = max(slots * max(t_p, i_p), memory)
     serial = max(slots * (t_p + i_p), memory)
@@ -231,8 +232,9 @@ def gemm_clocks(row: dict, gpu: str) -> dict:
     predicted = overlapped if per_sm >= 2 or in_flight else serial
     parts = {"tensor": slots * t_p, "issue": slots * i_p, "memory": memory}
     bound = "memory" if predicted == memory else max(("tensor", "issue"), key=parts.get)
-    return dict(tensor=tensor / sms, issue=issue / sms, memory=memory, tiles_m=tiles_m, waves=waves,
-                programs_per_sm=per_sm, overlapped=overlapped, serial=serial, predicted=predicted, bound=bound)
+    return dict(tensor=tensor / sms, issue=issue / sms, memory=memory, tiles_m=tiles_m, programs=programs,
+                waves=waves, programs_per_sm=per_sm, overlapped=overlapped, serial=serial, predicted=predicted,
+                bound=bound)
 
 
 def decode_clocks(row: dict, gpu: str) -> float:

@@ -186,7 +186,8 @@ def cases(full: bool = False) -> list:
         more.append(Case(f"matmul M={m} bfloat16", "matmul", (("rows", m), ("dtype", "bfloat16"))))
     for m in (16, 2048):
         more.append(Case(f"matmul_t M={m} bfloat16", "matmul_t", (("rows", m), ("dtype", "bfloat16"))))
-    more.append(Case("matmul_t M=2048 float32", "matmul_t", (("rows", 2048), ("dtype", "float32"))))
+    for kind in ("matmul", "matmul_t"):  # float32: CUDA-core dots on small tiles (F32_TILE)
+        more.append(Case(f"{kind} M=2048 float32", kind, (("rows", 2048), ("dtype", "float32"))))
     for kind in ("matmul", "matmul_t"):  # offsets past 2^31: the 64-bit row offsets (WIDE)
         more.append(Case(f"{kind} M=262144 bfloat16", kind, (("rows", 262144), ("dtype", "bfloat16"))))
     for m in (1, 16):

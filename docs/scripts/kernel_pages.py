@@ -167,12 +167,9 @@ def gemm_model() -> str:
             c, d = gemm_clocks(r, gpu), dense_gemm_clocks(r["rows"], N, K, gpu)
             p = gemm_prediction(r, gpu)
             what = f"`x W^T`, {r['rows']} rows" if r["kind"] == "matmul" else f"`g W`, {r['rows']} rows"
-            programs = 1
-            for g in r["grid"]:
-                programs *= g
             rows.append([gpu, what, r["constexprs"]["BLOCK_M"], f"{r['per_item']:.2f}", f"{c['tensor']:,.0f}",
                          f"{c['issue']:,.0f}", f"{c['memory']:,.0f}", f"{d['clocks']:,.0f}",
-                         f"{programs} / {c['programs_per_sm']} / {c['waves']}", c["bound"],
+                         f"{c['programs']} / {c['programs_per_sm']} / {c['waves']}", c["bound"],
                          f"**{p['predicted']:.0%}**", f"{p['overlapped']:.0%}", f"{p['serial']:.0%}",
                          _measured_gemm(r["rows"]) if r is fwd else "-"])
     gemm = _md_table(["GPU", "product", "row tile", "instr per weight", "tensor clocks", "issue clocks",

@@ -79,41 +79,37 @@ from qlora_gpu.kernels.util import absmax_arguments, capability, cast_rne, inter
 
 __all__ = ["matmul_4bit_kernel", "splitk_reduce_kernel", "matmul_4bit_t_kernel", "matmul_4bit_t_triton",
            "matmul_4bit_triton", "MatmulConfig", "default_config", "CONFIGS",
-           "bytes_moved_matmul", "row_tile"]
+           "bytes_moved_matmul", "row_tile", "F32_TILE"]
 
 
 @triton.jit
 def _absmax_at(blk, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED: tl.constexpr):
     """float32 absmax of first-level blocks ``blk`` (decoded from 8 bits when ``NESTED``);
     ``mask`` None when every block is inside the tensor."""
-    if mask is None:
-        if NESTED:
-            q = tl.load(absmax_ptr + blk).to(tl.int32)
-            scale = tl.load(nested_absmax_ptr + blk // NESTED)
-            return tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
-        else:
-            return tl.load(absmax_ptr + blk)
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=None if mask is None else 0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + blk // NESTED, mask=mask, other=None if mask is None else 0.0)
+        return tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
     else:
-        if NESTED:
-            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(nested_absmax_ptr + blk // NESTED, mask=mask, other=0.0)
-            return tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
-        else:
-            return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        return tl.load(absmax_ptr + blk, mask=mask, other=None if mask is None else 0.0)
+
+
+@triton.jit
+def _halves(pair):
+    """The two float32 codebook values packed in each int64 of the pair table:
+    ``(high nibble, low nibble)``, i.e. the even and the odd columns."""
+    v_hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    v_lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    return v_hi, v_lo
 
 
 @triton.jit
 def _pairs_of(b, table, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr):
-    """Each packed byte's two codebook values as float32 ``(high nibble, low nibble)``.
-
-    ``table`` is the 256-entry pair table held by the program (``codebooks.pair_table``), so
-    the lookup is a gather from on-chip memory (``tl.gather``) instead of a load from global
-    memory per byte.
-    """
-    pair = tl.reshape(tl.gather(table, tl.reshape(b.to(tl.int32), (BLOCK_N * HALF_K,)), 0), (BLOCK_N, HALF_K))
-    v_hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)  # even columns (high nibble)
-    v_lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)  # odd columns
-    return v_hi, v_lo
+    """Each packed byte's two codebook values (``_halves``), looked up in ``table``, the
+    256-entry pair table held by the program (``codebooks.pair_table``): a gather from on-chip
+    memory (``tl.gather``) instead of a load from global memory per byte."""
+    return _halves(tl.reshape(tl.gather(table, tl.reshape(b.to(tl.int32), (BLOCK_N * HALF_K,)), 0),
+                              (BLOCK_N, HALF_K)))
 
 
 @triton.jit
@@ -185,9 +181,7 @@ def matmul_4bit_kernel(
         if USE_DOT:
             v_hi, v_lo = _pairs_of(b, table, BLOCK_N, HALF_K)
         else:  # one gather per byte from the (L1-cached) table in global memory
-            pair = tl.load(pair_ptr + b.to(tl.int32))
-            v_hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-            v_lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+            v_hi, v_lo = _halves(tl.load(pair_ptr + b.to(tl.int32)))
         if ALIGNED:
             # Each tile row holds G whole blocks (or lies inside one): one absmax per group.
             G: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
@@ -350,8 +344,8 @@ def matmul_4bit_t_triton(g2d: torch.Tensor, flat: torch.Tensor, state) -> torch.
     if g2d.stride(1) != 1:
         g2d = g2d.contiguous()
     cap = capability(g2d.device)
-    if g2d.dtype == torch.float32:  # CUDA-core dots in full precision: small tiles (larger ones spill)
-        block_m, block_n, block_k = 16, 32, 64
+    if g2d.dtype == torch.float32:
+        block_m, block_n, block_k = F32_TILE
     else:
         block_m, block_n = row_tile(M, cap), 64
         block_k = 64 if block_m == 256 else 128  # 256-row tiles: 64 columns keep a thread under 128 registers
@@ -363,9 +357,7 @@ def matmul_4bit_t_triton(g2d: torch.Tensor, flat: torch.Tensor, state) -> torch.
             g2d, flat, _pair_table(state.codebook), absmax, nested_absmax, nested_code, offset, out,
             M, N, K, K // 2, K // state.blocksize, g2d.stride(0),
             BLOCKSIZE=state.blocksize, NESTED=nested, EVEN_N=(N % block_n == 0), EVEN_K=(K % block_k == 0),
-            WIDE=_wide(M * g2d.stride(0), M * K),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=block_k,
+            WIDE=_wide(M * g2d.stride(0), M * K), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             PRECISION="ieee" if g2d.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
             BITWISE=interpreting(), num_warps=8 if block_m >= 64 else 4, enable_fp_fusion=False,
             **_gemm_options(block_m, cap),
@@ -421,6 +413,11 @@ def _wide(*extents: int) -> bool:
     (False, True)
     """
     return max(extents) + 2**20 >= 2**31
+
+
+#: Rows, columns of the weight and depth of a float32 tile: its dots run on CUDA cores in full
+#: precision (no TF32), and larger tiles spill (``benchmarks/kernel_report.py``).
+F32_TILE = (16, 32, 64)
 
 
 def row_tile(M: int, cap: tuple = (9, 0)) -> int:
@@ -481,16 +478,10 @@ def default_config(M: int, N: int, K: int, cap: tuple = (9, 0), dtype=None) -> M
     >>> default_config(2048, 4096, 14336, dtype=torch.float32)
     (32, 64, 1, True, 4)
     """
-    if dtype == torch.float32 and M > 1:
-        programs = -(-N // 32) * -(-M // 16)
-        split_k = 1
-        while programs * split_k < 256 and K >= 2 * split_k * 64 * 4:
-            split_k *= 2
-        return MatmulConfig(32, 64, split_k, True, 4)
-    if M > 16:
+    if M > 16 and dtype != torch.float32:
         return MatmulConfig(64, 64 if row_tile(M, cap) == 256 else 128, 1, True, 8)
-    block_n, block_k = (16, 256) if M == 1 else (64, 128)
-    programs = -(-N // block_n)
+    block_m, block_n, block_k = (1, 16, 256) if M == 1 else F32_TILE if dtype == torch.float32 else (16, 64, 128)
+    programs = -(-N // block_n) * -(-M // block_m)
     split_k = 1
     while programs * split_k < 256 and K >= 2 * split_k * block_k * 4:
         split_k *= 2
@@ -535,11 +526,12 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
     use_dot = use_dot or M > 1  # the CUDA-core path takes one row (Note: the one-row product's weights)
     if not use_dot:
         block_m = 1
-    elif config is not None or x2d.dtype == torch.float32:  # a sweep's tile, or full-precision dots: small
+    elif x2d.dtype == torch.float32:
+        block_m = F32_TILE[0]
+    elif config is not None:  # a sweep's tile
         block_m = 16 if M <= 16 else 64
     else:
         block_m = row_tile(M, cap)
-    options = _gemm_options(block_m, cap) if config is None and x2d.dtype != torch.float32 else {}
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     if bias is not None and bias.stride(0) != 1:
@@ -561,7 +553,7 @@ def matmul_4bit_triton(x2d: torch.Tensor, flat: torch.Tensor, state, bias=None, 
             BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=use_dot,
             PRECISION="ieee" if x2d.dtype == torch.float32 or dot_in_fp32 else "tf32",
             DOT_IN_FP32=dot_in_fp32, BITWISE=interpreting(), num_warps=num_warps, enable_fp_fusion=False,
-            **options,
+            **_gemm_options(block_m, cap),
         )
     if split_k == 1:
         return out

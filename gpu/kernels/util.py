@@ -6,6 +6,7 @@ import contextlib
 import os
 
 import numpy as np
+import torch
 
 
 def interpreting() -> bool:
@@ -34,8 +35,6 @@ def capability(device) -> tuple:
     if _TARGET:
         return _TARGET[-1]
     if device.type == "cuda":
-        import torch  # the kernel modules import it anyway; this one stays importable without
-
         return tuple(torch.cuda.get_device_capability(device))
     return (9, 0)
 
